@@ -1,0 +1,143 @@
+"""Policies behind one protocol: next-token log-probs for a batch of prefixes.
+
+Every policy is a ``torch.nn.Module`` whose parameters are the θ of ∇J(θ). Two calls are all the
+rest of tpg uses, so a tabular softmax, a log-linear model and a GPT-2 are interchangeable:
+
+- ``log_probs(prompt_idx, tokens)``: teacher forcing. (B,) prompt indices and (B, L) response
+  tokens → (B, L, V) log π(· | prompt ⊕ tokens[:, :t]) for every t (row t ignores tokens[t:]).
+- ``decoder(prompt_idx, prefix, prefix_len)``: incremental decoding from (B, L0) right-padded
+  prefixes; the returned object has ``.log_probs`` (B, V) and ``.advance(tokens)``. The sampler,
+  greedy decoding and continuation rollouts only use this.
+
+``token_log_probs`` (B, L) is the sampled-token log-prob every estimator is built on; policies may
+override it to avoid materialising (B, L, V).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from tpg.mdp import TokenMDP, TPGError
+
+
+class Policy(nn.Module):
+    """Base class. Subclasses implement ``log_probs`` and ``decoder``."""
+
+    mdp: TokenMDP
+
+    @property
+    def vocab_size(self) -> int:
+        return self.mdp.vocab_size
+
+    def log_probs(self, prompt_idx: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        raise TypeError(f"{type(self).__name__} must implement log_probs(prompt_idx, tokens)")
+
+    def decoder(self, prompt_idx: torch.Tensor, prefix: torch.Tensor, prefix_len: torch.Tensor):
+        raise TypeError(f"{type(self).__name__} must implement decoder(prompt_idx, prefix, prefix_len)")
+
+    def token_log_probs(self, prompt_idx: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) log π(y_t | s_t) of the given tokens."""
+        return self.log_probs(prompt_idx, tokens).gather(-1, tokens[..., None])[..., 0]
+
+    def flat_grad(self, grads=None) -> torch.Tensor:
+        """Concatenate the .grad of every parameter (or the given list) into one vector."""
+        ps = list(self.parameters())
+        grads = [p.grad for p in ps] if grads is None else grads
+        return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(ps, grads)])
+
+
+class _TableDecoder:
+    """Incremental decoding for policies whose next-token logits depend on a state index."""
+
+    def __init__(self, policy: "TabularSoftmax", state: torch.Tensor):
+        self.policy, self.state = policy, state                   # (B,)
+        self.child = torch.as_tensor(policy.mdp.state_table()["child"])
+
+    @property
+    def log_probs(self) -> torch.Tensor:
+        return torch.log_softmax(self.policy.logits[self.state], -1)  # (B, V)
+
+    def advance(self, tokens: torch.Tensor) -> None:
+        nxt = self.child[self.state, tokens]                      # (B,), −1 when terminal
+        self.state = torch.where(nxt >= 0, nxt, self.state)       # finished rows stay put (masked by caller)
+
+
+class TabularSoftmax(Policy):
+    """π(a|s) = softmax(θ[s])_a with one free logit vector per prefix state (num_states, V)."""
+
+    def __init__(self, mdp: TokenMDP, logits: torch.Tensor | np.ndarray | None = None, *, seed: int | None = 0,
+                 scale: float = 1.0, dtype=torch.float64):
+        super().__init__()
+        self.mdp = mdp
+        shape = (mdp.num_states, mdp.vocab_size)
+        if logits is None:
+            g = torch.Generator().manual_seed(seed) if seed is not None else None
+            logits = scale * torch.randn(shape, generator=g, dtype=dtype) if seed is not None else torch.zeros(shape)
+        logits = torch.as_tensor(logits, dtype=dtype)
+        if logits.shape != shape:
+            raise TPGError(f"logits have shape {tuple(logits.shape)}, expected (num_states, V) = {shape}")
+        if not torch.isfinite(logits).all():
+            raise TPGError("logits contain NaN or inf")
+        self.logits = nn.Parameter(logits.clone())
+
+    def log_probs(self, prompt_idx, tokens):
+        s = self.mdp.state_index(prompt_idx, tokens)              # (B, L)
+        return torch.log_softmax(self.logits, -1)[s]              # (B, L, V)
+
+    def token_log_probs(self, prompt_idx, tokens):
+        s = self.mdp.state_index(prompt_idx, tokens)              # (B, L)
+        return torch.log_softmax(self.logits, -1)[s, tokens]      # (B, L): never builds (B, L, V)
+
+    def decoder(self, prompt_idx, prefix, prefix_len):
+        # Prefixes must be non-terminal (length < H, no EOS); terminal rows are clamped to a valid state.
+        s = self.mdp.state_index(prompt_idx, torch.cat([prefix, prefix.new_zeros(len(prefix), 1)], 1))  # (B, L0+1)
+        state = s.gather(1, prefix_len.long()[:, None])[:, 0].clamp(0, self.mdp.num_states - 1)  # (B,)
+        return _TableDecoder(self, state)
+
+
+class _LogLinearDecoder:
+    def __init__(self, policy: "LogLinear", prompt_idx, pos, prev):
+        self.policy, self.prompt_idx, self.pos, self.prev = policy, prompt_idx, pos, prev
+
+    @property
+    def log_probs(self):
+        return torch.log_softmax(self.policy._logits(self.prompt_idx, self.pos, self.prev), -1)  # (B, V)
+
+    def advance(self, tokens):
+        self.pos = (self.pos + 1).clamp(max=self.policy.mdp.horizon - 1)
+        self.prev = tokens
+
+
+class LogLinear(Policy):
+    """Shared-parameter policy: logits(s, ·) = W_pos[t] + W_prev[previous token] + W_prompt[x].
+
+    Parameters are shared across all states with the same position / previous token / prompt, so
+    ∂J/∂θ mixes many states (unlike the tabular closed form): a stepping stone to GPT-2. The
+    previous token of the first response position is the prompt's last token, or a start marker
+    (index V) for an empty prompt.
+    """
+
+    def __init__(self, mdp: TokenMDP, *, seed: int = 0, scale: float = 1.0, dtype=torch.float64):
+        super().__init__()
+        self.mdp = mdp
+        V, H, P = mdp.vocab_size, mdp.horizon, len(mdp.prompts)
+        g = torch.Generator().manual_seed(seed)
+        self.w_pos = nn.Parameter(scale * torch.randn(H, V, generator=g, dtype=dtype))
+        self.w_prev = nn.Parameter(scale * torch.randn(V + 1, V, generator=g, dtype=dtype))
+        self.w_prompt = nn.Parameter(scale * torch.randn(P, V, generator=g, dtype=dtype))
+        self.register_buffer("first_prev", torch.tensor([p[-1] if p else V for p in mdp.prompts]))
+
+    def _logits(self, prompt_idx, pos, prev):
+        return self.w_pos[pos] + self.w_prev[prev] + self.w_prompt[prompt_idx]   # (..., V)
+
+    def log_probs(self, prompt_idx, tokens):
+        B, L = tokens.shape
+        pos = torch.arange(L).clamp(max=self.mdp.horizon - 1).expand(B, L)           # (B, L)
+        prev = torch.cat([self.first_prev[prompt_idx][:, None], tokens[:, :-1]], 1)  # (B, L)
+        return torch.log_softmax(self._logits(prompt_idx[:, None], pos, prev), -1)  # (B, L, V)
+
+    def decoder(self, prompt_idx, prefix, prefix_len):
+        prev_all = torch.cat([self.first_prev[prompt_idx][:, None], prefix], 1)      # (B, L0+1)
+        prev = prev_all.gather(1, prefix_len.long()[:, None])[:, 0]
+        return _LogLinearDecoder(self, prompt_idx, prefix_len.long().clamp(max=self.mdp.horizon - 1), prev)
