@@ -154,7 +154,8 @@ class ExactDraws(_Base):
         if ro.n_batches != ro.batch_size:
             raise TPGError("random anchors are enumerated per response: use G = 1 and one prompt per batch")
         subsets = torch.tensor(list(itertools.product([False, True], repeat=L)), dtype=torch.bool)  # (2^L, L)
-        p = (torch.where(subsets, q, 1.0 - q)).prod(1).to(torch.float64)                        # (2^L,)
+        qq = torch.tensor(q, dtype=torch.float64)           # a python-float q would make where() float32
+        p = torch.where(subsets, qq, 1.0 - qq).prod(1)                                          # (2^L,)
         n = subsets.shape[0]
         rows = torch.arange(ro.batch_size).repeat_interleave(n)
         out = ro.select(rows)

@@ -20,6 +20,7 @@ Each may be a table of shape (num_states, V) or a Python callable.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -27,6 +28,8 @@ import numpy as np
 import torch
 
 DEFAULT_BUDGET = 10_000_000  # responses an enumeration may hold before it refuses
+TABLE_BUDGET = 100_000_000   # entries of a per-(state, token) table (800 MB in float64) before refusing
+_BLOCK_ROWS = 1 << 14        # rows per block in state_index: the (L, rows) work buffer stays in cache
 
 
 class TPGError(ValueError):
@@ -35,6 +38,21 @@ class TPGError(ValueError):
 
 class BudgetError(TPGError):
     """An exact computation was refused before allocating because it is too large."""
+
+
+def host_empty(shape: tuple[int, ...], dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """An uninitialised CPU tensor whose memory numpy allocates.
+
+    numpy asks the kernel for transparent huge pages on large arrays (madvise), torch's default
+    allocator does not, so first-touch page faults cost several times the arithmetic on an
+    (N, H) index array of a million-response enumeration. Used for tpg's own large buffers.
+    """
+    return torch.from_numpy(np.empty(shape, dtype=torch.empty(0, dtype=dtype).numpy().dtype))
+
+
+def _is_int(x) -> bool:
+    """An integer that is not a bool (numpy integers included)."""
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -72,22 +90,30 @@ class TokenMDP:
 
     def __post_init__(self) -> None:
         V, H = self.vocab_size, self.horizon
-        _check(isinstance(V, (int, np.integer)) and V >= 1, f"vocab_size must be an int ≥ 1, got {V!r}")
-        _check(isinstance(H, (int, np.integer)) and H >= 1, f"horizon must be an int ≥ 1, got {H!r}")
+        _check(_is_int(V) and V >= 1, f"vocab_size must be an int ≥ 1, got {V!r}")
+        _check(_is_int(H) and H >= 1, f"horizon must be an int ≥ 1, got {H!r}")
         if self.eos is not None:
-            _check(0 <= self.eos < V, f"eos={self.eos} is not a token id in [0, {V})")
+            _check(_is_int(self.eos) and 0 <= self.eos < V,
+                   f"eos={self.eos!r} is not a token id in [0, {V}); pass eos=None for fixed-length responses")
             _check(V >= 2, "a vocabulary with EOS needs at least one other token (vocab_size ≥ 2)")
-        _check(isinstance(self.gamma, (int, float)) and 0.0 < float(self.gamma) <= 1.0,
-               f"gamma must be in (0, 1], got {self.gamma!r}")
+        _check(isinstance(self.gamma, numbers.Real) and not isinstance(self.gamma, bool)
+               and 0.0 < float(self.gamma) <= 1.0, f"gamma must be a number in (0, 1], got {self.gamma!r}")
         self.gamma = float(self.gamma)
-        _check(len(self.prompts) >= 1, "an MDP needs at least one prompt (an empty prompt () is allowed)")
-        self.prompts = tuple(tuple(int(t) for t in p) for p in self.prompts)
-        for i, p in enumerate(self.prompts):
+        try:
+            prompts = tuple(tuple(p) for p in self.prompts)
+        except TypeError:
+            raise TPGError(f"prompts must be a list of token sequences, e.g. [(0, 1), ()], got {self.prompts!r}") from None
+        _check(len(prompts) >= 1, "an MDP needs at least one prompt (an empty prompt () is allowed)")
+        for i, p in enumerate(prompts):
             for t in p:
-                _check(0 <= t < V and t != self.eos,
-                       f"prompt {i} has token {t}: prompt tokens must be in [0, {V}) and not EOS")
+                _check(_is_int(t) and 0 <= t < V and t != self.eos,
+                       f"prompt {i} has token {t!r}: prompt tokens must be ints in [0, {V}) and not EOS")
+        self.prompts = tuple(tuple(int(t) for t in p) for p in prompts)
         P = len(self.prompts)
-        rho = np.full(P, 1.0 / P) if self.prompt_probs is None else np.asarray(self.prompt_probs, float)
+        try:
+            rho = np.full(P, 1.0 / P) if self.prompt_probs is None else np.asarray(self.prompt_probs, float)
+        except (TypeError, ValueError):
+            raise TPGError(f"prompt_probs must be {P} numbers, got {self.prompt_probs!r}") from None
         _check(rho.shape == (P,), f"prompt_probs has shape {rho.shape}, expected ({P},)")
         _check(bool(np.all(np.isfinite(rho)) and np.all(rho >= 0)), "prompt_probs must be finite and ≥ 0")
         _check(abs(rho.sum() - 1.0) < 1e-9, f"prompt_probs must sum to 1, sum is {rho.sum():.6g}")
@@ -98,7 +124,10 @@ class TokenMDP:
             table = getattr(self, name)
             if table is None or callable(table):
                 continue
-            table = np.asarray(table, dtype=np.float64)
+            try:
+                table = np.asarray(table, dtype=np.float64)
+            except (TypeError, ValueError):
+                raise TPGError(f"{name} must be a (num_states, V) array of numbers or a callable") from None
             _check(table.shape == (self.num_states, V),
                    f"{name} has shape {table.shape}, expected (num_states, V) = ({self.num_states}, {V})")
             _check(bool(np.all(np.isfinite(table))), f"{name} contains NaN or inf")
@@ -149,22 +178,46 @@ class TokenMDP:
                     ) -> torch.Tensor:
         """Index of the state before each token: row i, column t ↦ state (prompt_i, tokens[i, :t]).
 
-        prompt_idx (B,), tokens (B, L) → (B, L) int64. Positions after the end of a response get
-        some valid row (0 where ``mask`` is given); callers mask them out.
+        prompt_idx (B,), tokens (B, L) → (B, L) int64, a fresh tensor the caller may overwrite.
+        Positions after the end of a response (after EOS, or t ≥ H) get some valid row (0 where
+        ``mask`` is given); callers mask them out.
+
+        Within a prompt's block the state after digits d_1..d_t is the bijective base-A numeral
+        c_t = Σ_k (d_k + 1) A^(t-k), because level_start[t] = 1 + A + … + A^(t-1); so
+        c_{t+1} = A·c_t + d_{t+1} + 1 is one fused multiply-add per column. Rows are processed in
+        blocks held column-major (L, rows) so every step streams contiguous, cache-resident memory
+        and the only large allocation is the output.
         """
         B, L = tokens.shape
-        A = self.arity
-        start = torch.as_tensor(self.level_start(), dtype=torch.long)
-        d = self.digits(tokens)                                     # (B, L)
-        code = torch.zeros(B, dtype=torch.long)
-        out = torch.empty(B, L, dtype=torch.long)
-        for t in range(L):                                          # L ≤ H columns, vectorised over B
-            out[:, t] = code + start[min(t, self.horizon - 1)]
-            code = code * A + d[:, t]
-        out += prompt_idx.long()[:, None] * self.states_per_prompt  # (B, L)
-        out = out.clamp(0, self.num_states - 1)                     # after EOS / past H: any valid row
+        A, H, S = self.arity, self.horizon, self.states_per_prompt
+        _check(self.num_states < 2**62, f"{self!r} has too many states to index in int64")
+        out = host_empty((B, L))                                              # (B, L) int64
+        if B == 0 or L == 0:
+            return out
+        o, tok = out.numpy(), tokens.cpu().numpy()                            # numpy views (no copy)
+        base = prompt_idx.cpu().numpy().astype(np.int64) * S                  # (B,) first state of each prompt
+        live = min(L, H)                                                      # columns that name real states
+        shift = len(self.prompts) > 1                                         # prompt offsets to carry
+        for lo in range(0, B, _BLOCK_ROWS):
+            hi = min(lo + _BLOCK_ROWS, B)
+            buf = np.empty((live, hi - lo), dtype=np.int64)                   # (live, n) column-major block
+            buf[0] = base[lo:hi]
+            dig = buf[1:]                                                     # (live-1, n): d_t + 1 of token t-1
+            dig[...] = tok[lo:hi, : live - 1].T
+            if self.eos is not None:
+                dig -= dig > self.eos                                         # skip EOS in the numbering
+            dig += 1
+            np.clip(dig, 1, A, out=dig)                                       # EOS / junk → a valid digit
+            step = base[lo:hi] * (1 - A) if shift else None                   # keeps the prompt offset
+            for t in range(live - 1):                                         # c_{t+1} = A c_t + d_{t+1} + 1
+                buf[t + 1] += buf[t] * A
+                if step is not None:
+                    buf[t + 1] += step
+            o[lo:hi, :live] = buf.T                                           # (n, live)
+        if L > live:                                                          # past the horizon: any valid row
+            o[:, live:] = base[:, None]
         if mask is not None:
-            out = torch.where(mask.bool(), out, torch.zeros_like(out))
+            out.masked_fill_(~mask.bool(), 0)
         return out
 
     def state_table(self) -> dict[str, np.ndarray]:
@@ -203,38 +256,52 @@ class TokenMDP:
         RM from ``response_rewards`` and the Zero-Reward decomposition r_T = RM / γ^(T-1).
         """
         B, L = tokens.shape
-        m = mask.to(torch.float64)
-        lengths = mask.long().sum(1)                                               # (B,)
+        m = mask.to(torch.float64)                                                 # (B, L)
         disc = self.gamma ** torch.arange(L, dtype=torch.float64)                  # (L,) γ^(t-1)
         table = self.token_rewards if self.additive else self.response_rewards
+        if callable(table) or not self.additive:
+            lengths = m.sum(1).long()                                              # (B,)
+            last = (lengths - 1).clamp(min=0)                                      # (B,) position of y_T
         if callable(table):
-            vals = self._call_rewards(table, prompt_idx, tokens, lengths)
-        else:
-            s = self.state_index(prompt_idx, tokens, mask)                         # (B, L)
-            vals = torch.as_tensor(table)[s, tokens.clamp(0, self.vocab_size - 1)] * m
+            vals = self._call_rewards(table, prompt_idx, tokens, lengths)          # (B, L), 0 after the end
+        elif self.additive:
+            flat = self.state_index(prompt_idx, tokens)                            # (B, L) state before token t
+            torch.add(tokens, flat, alpha=self.vocab_size, out=flat)               # (B, L) row of (s, y_t) in (S·V,)
+            vals = host_empty((B, L), torch.float64)                               # (B, L) r(s_t, y_t)
+            torch.index_select(torch.as_tensor(table).reshape(-1), 0, flat.view(-1), out=vals.view(-1))
         if self.additive:
-            r = vals * m                                                           # (B, L)
-            return r, (r * disc).sum(1)
-        last = (lengths - 1).clamp(min=0)
-        rm = vals.gather(1, last[:, None])[:, 0] if L else torch.zeros(B, dtype=torch.float64)
+            r = vals.mul_(m)                                                       # (B, L) zero after the end
+            return r, r @ disc                                                     # RM = Σ_t γ^(t-1) r_t
+        if callable(table):
+            rm = vals.gather(1, last[:, None])[:, 0]                              # (B,)
+        else:                                                                      # only (s_T, y_T) is read
+            s_last = self.state_index(prompt_idx, tokens).gather(1, last[:, None])[:, 0]     # (B,)
+            rm = torch.as_tensor(table)[s_last, tokens.gather(1, last[:, None])[:, 0]]      # (B,)
+        rm = rm * (lengths > 0)                                                    # an empty row has RM 0
         r = torch.zeros(B, L, dtype=torch.float64)
-        r[torch.arange(B), last] = rm / disc[last]                                # ZRA: all on the last token
-        return r * m, rm
+        if L:
+            r[torch.arange(B), last] = rm / disc[last]                            # ZRA: all on the last token
+        return r.mul_(m), rm
 
     def _call_rewards(self, fn: Callable, prompt_idx, tokens, lengths) -> torch.Tensor:
+        """(B, L) values of a reward callable: r(x, y_<t, y_t) per token, or RM(x, y) at the last token."""
         B, L = tokens.shape
         out = np.zeros((B, L))
         toks, lens, pidx = tokens.tolist(), lengths.tolist(), prompt_idx.tolist()
+        name = "token_rewards" if self.additive else "response_rewards"
         for i in range(B):
             y = tuple(toks[i][: lens[i]])
-            if self.additive:
-                out[i, : lens[i]] = [fn(pidx[i], y[:t], y[t]) for t in range(lens[i])]
-            elif lens[i]:
-                out[i, lens[i] - 1] = fn(pidx[i], y)
-        out = torch.as_tensor(out)
-        if not torch.isfinite(out).all():
-            raise TPGError("a reward callable returned NaN or inf")
-        return out
+            try:
+                if self.additive:
+                    out[i, : lens[i]] = [fn(pidx[i], y[:t], y[t]) for t in range(lens[i])]
+                elif lens[i]:
+                    out[i, lens[i] - 1] = fn(pidx[i], y)
+            except (TypeError, ValueError) as e:
+                raise TPGError(f"the {name} callable must return a float; on prompt {pidx[i]}, response {y}: {e}") from e
+            if not np.isfinite(out[i]).all():
+                raise TPGError(f"the {name} callable returned NaN or inf on prompt {pidx[i]}, response {y}; "
+                               "rewards must be finite")
+        return torch.as_tensor(out)
 
     def zra(self) -> "TokenMDP":
         """The same MDP with the Zero-Reward decomposition of the same RM (PAPER §1.4).
@@ -275,13 +342,21 @@ def random_mdp(seed: int = 0, *, vocab_size: int = 3, horizon: int = 3, eos: boo
     With eos=True the EOS id is vocab_size - 1.
     """
     _check(reward in REWARD_KINDS, f"reward must be one of {REWARD_KINDS}, got {reward!r}")
+    _check(_is_int(vocab_size) and vocab_size >= 1 + bool(eos),
+           f"vocab_size must be an int ≥ {1 + bool(eos)} (eos={eos} needs one token besides EOS), got {vocab_size!r}")
+    _check(_is_int(n_prompts) and n_prompts >= 1, f"n_prompts must be an int ≥ 1, got {n_prompts!r}")
+    _check(_is_int(prompt_len) and prompt_len >= 0, f"prompt_len must be an int ≥ 0, got {prompt_len!r}")
+    _check(isinstance(sparsity, numbers.Real) and 0.0 <= sparsity <= 1.0, f"sparsity must be in [0, 1], got {sparsity!r}")
     rng = np.random.default_rng(seed)
     eos_id = vocab_size - 1 if eos else None
     A = vocab_size - (eos_id is not None)
-    _check(A >= 1, "vocab_size too small")
     prompts = [tuple(int(t) for t in rng.integers(0, A, size=prompt_len)) for _ in range(n_prompts)]
     probe = TokenMDP(prompts, vocab_size, horizon, eos_id, gamma, prompt_probs, token_rewards=lambda *a: 0.0)
     shape = (probe.num_states, vocab_size)
+    if shape[0] * shape[1] > TABLE_BUDGET:
+        raise BudgetError(f"random_mdp would draw a reward table of num_states × V = {shape[0] * shape[1]:,} entries "
+                          f"for {probe!r}, above the table budget of {TABLE_BUDGET:,}; build a TokenMDP with a "
+                          "callable reward instead, or use a smaller vocabulary / horizon")
     if reward == "gaussian":
         return TokenMDP(prompts, vocab_size, horizon, eos_id, gamma, prompt_probs,
                         token_rewards=rng.standard_normal(shape), name=f"random(seed={seed})")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tpg.mdp import TokenMDP, TPGError
+from tpg.mdp import TABLE_BUDGET, BudgetError, TokenMDP, TPGError
 
 
 class Policy(nn.Module):
@@ -62,6 +62,11 @@ class _TableDecoder:
         nxt = self.child[self.state, tokens]                      # (B,), −1 when terminal
         self.state = torch.where(nxt >= 0, nxt, self.state)       # finished rows stay put (masked by caller)
 
+    def select(self, rows: torch.Tensor) -> "_TableDecoder":
+        """Keep only ``rows`` (the sampler drops finished rows)."""
+        self.state = self.state[rows]
+        return self
+
 
 class TabularSoftmax(Policy):
     """π(a|s) = softmax(θ[s])_a with one free logit vector per prefix state (num_states, V)."""
@@ -71,6 +76,10 @@ class TabularSoftmax(Policy):
         super().__init__()
         self.mdp = mdp
         shape = (mdp.num_states, mdp.vocab_size)
+        if shape[0] * shape[1] > TABLE_BUDGET:
+            raise BudgetError(f"a tabular policy for {mdp!r} needs num_states × V = {shape[0] * shape[1]:,} logits, "
+                              f"above the table budget of {TABLE_BUDGET:,}; use LogLinear (shared parameters) "
+                              "or a smaller vocabulary / horizon")
         if logits is None:
             g = torch.Generator().manual_seed(seed) if seed is not None else None
             logits = scale * torch.randn(shape, generator=g, dtype=dtype) if seed is not None else torch.zeros(shape)
@@ -86,8 +95,13 @@ class TabularSoftmax(Policy):
         return torch.log_softmax(self.logits, -1)[s]              # (B, L, V)
 
     def token_log_probs(self, prompt_idx, tokens):
-        s = self.mdp.state_index(prompt_idx, tokens)              # (B, L)
-        return torch.log_softmax(self.logits, -1)[s, tokens]      # (B, L): never builds (B, L, V)
+        # One gather from the flattened (S·V,) log-softmax table: index_select's backward is a
+        # single index_add, and the (B, L) index is built in place (never builds (B, L, V)).
+        B, L = tokens.shape
+        flat = self.mdp.state_index(prompt_idx, tokens)           # (B, L) fresh: overwritten below
+        torch.add(tokens, flat, alpha=self.mdp.vocab_size, out=flat)  # (B, L) s·V + y_t
+        table = torch.log_softmax(self.logits, -1).reshape(-1)    # (S·V,)
+        return table.index_select(0, flat.view(-1)).view(B, L)    # (B, L)
 
     def decoder(self, prompt_idx, prefix, prefix_len):
         # Prefixes must be non-terminal (length < H, no EOS); terminal rows are clamped to a valid state.
@@ -107,6 +121,11 @@ class _LogLinearDecoder:
     def advance(self, tokens):
         self.pos = (self.pos + 1).clamp(max=self.policy.mdp.horizon - 1)
         self.prev = tokens
+
+    def select(self, rows):
+        """Keep only ``rows`` (the sampler drops finished rows)."""
+        self.prompt_idx, self.pos, self.prev = self.prompt_idx[rows], self.pos[rows], self.prev[rows]
+        return self
 
 
 class LogLinear(Policy):
@@ -141,3 +160,21 @@ class LogLinear(Policy):
         prev_all = torch.cat([self.first_prev[prompt_idx][:, None], prefix], 1)      # (B, L0+1)
         prev = prev_all.gather(1, prefix_len.long()[:, None])[:, 0]
         return _LogLinearDecoder(self, prompt_idx, prefix_len.long().clamp(max=self.mdp.horizon - 1), prev)
+
+
+POLICY_KINDS = ("tabular", "loglinear", "gpt2")
+
+
+def make_policy(kind: str, mdp: TokenMDP, seed: int = 0, **kw) -> Policy:
+    """A policy of the named kind for ``mdp`` (the CLI's ``--policy``). GPT-2 needs transformers."""
+    if kind == "tabular":
+        return TabularSoftmax(mdp, seed=seed, **kw)
+    if kind == "loglinear":
+        return LogLinear(mdp, seed=seed, **kw)
+    if kind == "gpt2":
+        try:
+            from tpg.lm import GPT2Policy
+        except ImportError as e:  # transformers missing
+            raise TPGError(f"--policy gpt2 needs transformers ({e}); install with: pip install -e '.[lm]'") from e
+        return GPT2Policy(mdp, seed=seed, **kw)
+    raise TPGError(f"unknown policy kind {kind!r}; choose one of {POLICY_KINDS}")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from tpg.mdp import DEFAULT_BUDGET, BudgetError, TokenMDP, TPGError
+from tpg.mdp import DEFAULT_BUDGET, BudgetError, TokenMDP, TPGError, host_empty
 
 
 @dataclass
@@ -86,32 +86,41 @@ def check_budget(n: int, budget: int | None, what: str) -> None:
 def enumerate_responses(mdp: TokenMDP, budget: int | None = None) -> Rollouts:
     """Every complete response of every prompt, in a fixed order (prompt-major), padded to H.
 
-    Refuses, before allocating, an MDP with more than ``budget`` responses (default 10^7).
+    Within a prompt: the responses that end with EOS at position 1, 2, …, H (EOS MDPs only), then
+    the responses of length H; each block in lexicographic order of its digits (token ids with EOS
+    skipped). Refuses, before allocating, an MDP with more than ``budget`` responses (default 10^7).
     """
     N = mdp.num_responses
     check_budget(N, budget, f"{mdp!r}")
     A, H, eos = mdp.arity, mdp.horizon, mdp.eos
-    blocks, lens = [], []
-    levels = range(H) if eos is not None else []
-    for t in list(levels) + [H]:                      # responses ending with EOS at position t+1, then length H
+    P, R = len(mdp.prompts), mdp.responses_per_prompt
+    tokens = host_empty((N, H))                                      # (P·R, H), 0 after the end
+    mask = host_empty((N, H), torch.float64)                         # (P·R, H)
+    tok, msk = tokens.numpy(), mask.numpy()
+    digit_token = np.arange(A) + (np.arange(A) >= eos) if eos is not None else np.arange(A)   # (A,)
+    prefixes = np.zeros((1, H), dtype=np.int64)                      # (A^t, H): every t-token prefix, 0-padded
+    off = 0
+    for t in range(H + 1):
         n = A**t
-        digits = (np.arange(n)[:, None] // A ** np.arange(t - 1, -1, -1)[None, :]) % A  # (n, t), MSB first
-        toks = digits + (digits >= eos) if eos is not None else digits
-        block = np.zeros((n, H), dtype=np.int64)
-        block[:, :t] = toks
-        if t < H:
-            block[:, t] = eos
-        blocks.append(block)
-        lens.append(np.full(n, t + 1 if t < H else H))
-    one = torch.as_tensor(np.concatenate(blocks))                    # (R, H) responses of one prompt
-    one_len = torch.as_tensor(np.concatenate(lens))                  # (R,)
-    P, R = len(mdp.prompts), one.shape[0]
-    tokens = one.repeat(P, 1)                                        # (P·R, H)
-    lengths = one_len.repeat(P)
-    prompt_idx = torch.arange(P).repeat_interleave(R)
-    mask = (torch.arange(H)[None, :] < lengths[:, None])
-    ids = torch.arange(P * R)
-    return _finish(mdp, prompt_idx, tokens, mask, ids, ids, P * R, response_id=ids)
+        if t < H and eos is not None:                                # the prefix, then EOS at position t+1
+            tok[off: off + n] = prefixes
+            tok[off: off + n, t] = eos
+            msk[off: off + n, : t + 1] = 1.0
+            msk[off: off + n, t + 1:] = 0.0
+            off += n
+        if t < H:                                                    # extend every prefix by every digit
+            nxt = np.empty((n, A, H), dtype=np.int64) if t + 1 < H else tok[off: off + n * A].reshape(n, A, H)
+            nxt[...] = prefixes[:, None, :]                          # (n, A, H) rows in lexicographic order
+            nxt[:, :, t] = digit_token
+            prefixes = nxt.reshape(n * A, H)
+    msk[off: off + A**H] = 1.0                                       # the length-H block (written in place above)
+    if P > 1:                                                        # the same responses for every prompt
+        tok.reshape(P, R, H)[1:] = tok[:R]
+        msk.reshape(P, R, H)[1:] = msk[:R]
+    prompt_idx = torch.arange(P).repeat_interleave(R)                # (P·R,)
+    ids = torch.arange(N)
+    r, rm = mdp.rewards(prompt_idx, tokens, mask)                    # tokens are already 0 after the end
+    return Rollouts(prompt_idx, tokens, mask, r, rm, ids, ids, N, response_id=ids)
 
 
 def response_log_prob(policy, ro: Rollouts) -> torch.Tensor:
@@ -122,38 +131,51 @@ def response_log_prob(policy, ro: Rollouts) -> torch.Tensor:
 # ---------------------------------------------------------------------------------- decoding
 def decode(mdp: TokenMDP, policy, prompt_idx: torch.Tensor, prefix: torch.Tensor, prefix_len: torch.Tensor,
            pick) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Complete each prefix to a full response with ``pick(log_probs (B, V)) -> tokens (B,)``.
+    """Complete each prefix to a full response with ``pick(log_probs (n, V)) -> tokens (n,)``.
 
     prefix (B, L0) right-padded, prefix_len (B,). Rows whose prefix is already complete (length H
     or ending in EOS) are returned unchanged. Returns tokens (B, H), mask (B, H) bool and the
     behaviour log-probs (B, H) of the tokens this call chose (0 elsewhere). Vectorised over rows:
-    the only Python loop is over the ≤ H positions.
+    the only Python loop is over the ≤ H positions. ``pick`` sees the rows still being decoded,
+    in row order: when the decoder has ``select(rows)`` (tabular and log-linear policies), finished
+    rows are dropped once half the rows are done, so the work tracks the tokens actually sampled.
     """
     B, H = len(prompt_idx), mdp.horizon
-    tokens = torch.zeros(B, H, dtype=torch.long)
+    tokens = torch.zeros(B, H + 1, dtype=torch.long)                         # column H: sink for finished rows
     L0 = min(prefix.shape[1], H)
     tokens[:, :L0] = prefix[:, :L0]
-    pos = prefix_len.long().clone()                                          # (B,) next position to fill
-    last = tokens.gather(1, (pos - 1).clamp(min=0)[:, None])[:, 0]
-    done = (pos >= H) | ((pos > 0) & (last == mdp.eos) if mdp.eos is not None else torch.zeros(B, dtype=torch.bool))
-    logp = torch.zeros(B, H, dtype=torch.float64)
+    pos = torch.zeros(B + 1, dtype=torch.long)                               # (B+1,) lengths; entry B: sink
+    pos[:B] = prefix_len.long()
+    last = tokens.gather(1, (pos[:B] - 1).clamp(min=0)[:, None])[:, 0]
+    done = (pos[:B] >= H) | ((pos[:B] > 0) & (last == mdp.eos) if mdp.eos is not None
+                             else torch.zeros(B, dtype=torch.bool))
+    logp = torch.zeros(B, H + 1, dtype=torch.float64)
     if bool(done.all()):
-        return tokens, torch.arange(H)[None, :] < pos[:, None], logp
-    dec = policy.decoder(prompt_idx, tokens[:, : max(int(pos[~done].max()), 0)], torch.where(done, 0, pos))
-    rows = torch.arange(B)
-    for _ in range(H - int(pos[~done].min())):
-        lp = dec.log_probs.detach()                                          # (B, V)
-        tok = pick(lp)                                                       # (B,)
-        live = ~done
-        at = pos.clamp(max=H - 1)
-        tokens[rows[live], at[live]] = tok[live]
-        logp[rows[live], at[live]] = lp[live].gather(1, tok[live][:, None])[:, 0].to(torch.float64)
-        pos = pos + live.long()
-        done = done | (pos >= H) | ((tok == mdp.eos) & live if mdp.eos is not None else False)
-        if bool(done.all()):
+        return tokens[:, :H], torch.arange(H)[None, :] < pos[:B, None], logp[:, :H]
+    rows = torch.nonzero(~done)[:, 0]                                        # (n,) rows being decoded
+    p = pos[rows]                                                            # (n,) next position, H once finished
+    dec = policy.decoder(prompt_idx[rows], tokens[rows, : int(p.max())], p)
+    eos = -1 if mdp.eos is None else mdp.eos
+    flat_tok, flat_lp = tokens.view(-1), logp.view(-1)
+    for _ in range(H - int(p.min())):
+        lp = dec.log_probs.detach()                                          # (n, V)
+        tok = pick(lp)                                                       # (n,)
+        fin = p >= H                                                         # (n,) finished before this step
+        at = rows * (H + 1) + p                                              # (n,) flat slot; finished → sink column
+        flat_tok.scatter_(0, at, tok)                                        # scatter_: index_put is ~5× slower
+        flat_lp.scatter_(0, at, lp.gather(1, tok[:, None])[:, 0].to(torch.float64))
+        pos.scatter_(0, torch.where(fin, B, rows), p + 1)                    # length so far
+        p = torch.where(fin | (tok == eos), H, p + 1)                        # (n,) finished rows park at H
+        n_open = int((p < H).sum())
+        if n_open == 0:
             break
-        dec.advance(torch.where(live, tok, torch.zeros_like(tok)))
-    return tokens, torch.arange(H)[None, :] < pos[:, None], logp
+        select = getattr(dec, "select", None)
+        if select is not None and 2 * n_open <= len(rows):                   # drop finished rows
+            idx = torch.nonzero(p < H)[:, 0]                                 # (n_open,)
+            dec = select(idx)
+            rows, p, tok = rows[idx], p[idx], tok[idx]
+        dec.advance(torch.where(p < H, tok, torch.zeros_like(tok)))
+    return tokens[:, :H], torch.arange(H)[None, :] < pos[:B, None], logp[:, :H]
 
 
 def categorical(generator: torch.Generator):

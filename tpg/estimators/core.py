@@ -37,10 +37,13 @@ def group_stats(x: torch.Tensor, group: torch.Tensor, ddof: int = 1) -> tuple[to
     """Per-row group mean, std (ddof) and size of x (B,) over ``group`` ids.
 
     A singleton group gets mean 0 and std 1 (verl's convention), so GRPO on it is REINFORCE.
+    The mean is taken about a member's value (shifted data), so a group of equal rewards has mean
+    equal to them exactly and std exactly 0 (a plain Σx/n can miss by an ulp, e.g. three 0.1s).
     """
     n = int(group.max()) + 1
     cnt = segment_sum(torch.ones_like(x), group, n)                            # (n,)
-    mean = segment_sum(x, group, n) / cnt
+    ref = torch.zeros(n, dtype=x.dtype).scatter_reduce(0, group, x, "amax", include_self=False)  # (n,)
+    mean = ref + segment_sum(x - ref[group], group, n) / cnt
     dev2 = segment_sum((x - mean[group]) ** 2, group, n)
     var = dev2 / (cnt - ddof).clamp(min=1)
     single = cnt <= 1
