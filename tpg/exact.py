@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from tpg.mdp import TokenMDP, TPGError
-from tpg.rollouts import Rollouts, check_budget, enumerate_responses, response_log_prob
+from tpg.policies import TabularSoftmax
+from tpg.rollouts import Rollouts, check_budget, enumerate_responses
 
 
 def _params(policy) -> list[torch.Tensor]:
@@ -48,7 +49,31 @@ def objective(mdp: TokenMDP, policy, enum: Rollouts | None = None) -> torch.Tens
     """J(θ) = Σ_x ρ(x) Σ_y π(y|x) RM(x, y), a scalar with autograd to θ."""
     check_compatible(mdp, policy)
     enum = enumerate_responses(mdp) if enum is None else enum
-    return (prompt_weights(mdp, enum) * response_log_prob(policy, enum).exp() * enum.rm).sum()
+    logp = _response_log_prob(mdp, policy, enum).to(torch.float64)                # (N,) log π(y|x)
+    return torch.dot(prompt_weights(mdp, enum) * enum.rm, logp.exp())
+
+
+def _response_log_prob(mdp: TokenMDP, policy, enum: Rollouts) -> torch.Tensor:
+    """(N,) log π(y|x) = Σ_t log π(y_t|s_t) with autograd to θ.
+
+    Without EOS every response has length H: the mask is all ones and its pass is skipped. For the
+    tabular softmax, positions after the end point at a spare 0 appended to the flattened
+    log-softmax table, so one gather and one sum replace gather, mask product and sum (and the
+    backward has no mask product either).
+    """
+    fixed_length = mdp.eos is None and enum.tokens.shape[1] == mdp.horizon
+    if _is_plain_tabular(policy):
+        flat = _pair_index(mdp, enum, fixed_length)                              # (N, L) into (S·V + 1,)
+        logits = policy.logits
+        table = torch.cat([torch.log_softmax(logits, -1).reshape(-1), logits.new_zeros(1)])   # (S·V + 1,)
+        return table.index_select(0, flat.view(-1)).view(flat.shape).sum(1)
+    lp = policy.token_log_probs(enum.prompt_idx, enum.tokens)                  # (N, L)
+    return lp.sum(1) if fixed_length else (lp * enum.mask).sum(1)
+
+
+def _is_plain_tabular(policy) -> bool:
+    """A TabularSoftmax whose rows are its logits (a subclass may redefine log_probs)."""
+    return isinstance(policy, TabularSoftmax) and type(policy).log_probs is TabularSoftmax.log_probs
 
 
 def gradient(mdp: TokenMDP, policy, enum: Rollouts | None = None) -> torch.Tensor:
@@ -60,8 +85,10 @@ def gradient(mdp: TokenMDP, policy, enum: Rollouts | None = None) -> torch.Tenso
 def expected_score(policy, enum: Rollouts, W: torch.Tensor) -> torch.Tensor:
     """∇_θ Σ_{n,t} W[n,t] log π(y_{n,t}|s_{n,t}): flat vector. W (N, L) is detached weights."""
     params = _params(policy)
-    logp = policy.token_log_probs(enum.prompt_idx, enum.tokens) * enum.mask   # (N, L)
-    return flat(torch.autograd.grad((W.detach() * logp).sum(), params, allow_unused=True), params)
+    lp = policy.token_log_probs(enum.prompt_idx, enum.tokens)                 # (N, L)
+    Wm = (W.detach().to(torch.float64) * enum.mask).reshape(-1)               # (N·L,) zero after the end
+    total = torch.dot(Wm, lp.reshape(-1).to(torch.float64))                   # Σ W·ℓ without an (N, L) product
+    return flat(torch.autograd.grad(total, params, allow_unused=True), params)
 
 
 @dataclass
@@ -109,7 +136,13 @@ class Tables:
 
 
 def state_log_probs(mdp: TokenMDP, policy) -> torch.Tensor:
-    """(S, V) log π(·|s) for every prefix state, with autograd to θ (any policy: one call per level)."""
+    """(S, V) log π(·|s) for every prefix state, with autograd to θ.
+
+    Any policy: one batched ``log_probs`` call per level, on the prefixes of that level's states.
+    The tabular softmax's rows are its logits, so there it is one log-softmax of the table.
+    """
+    if _is_plain_tabular(policy):
+        return torch.log_softmax(policy.logits, -1)                                    # (S, V)
     st = mdp.state_table()
     A = mdp.arity
     level, code, prompt = (torch.as_tensor(st[k]) for k in ("level", "code", "prompt"))
@@ -124,51 +157,68 @@ def state_log_probs(mdp: TokenMDP, policy) -> torch.Tensor:
     return torch.cat(parts)[torch.argsort(torch.cat(order))]                          # (S, V)
 
 
+def _pair_index(mdp: TokenMDP, enum: Rollouts, full: bool = False) -> torch.Tensor:
+    """(N, L) row of (s_t, y_t) in a flattened (S·V + 1,) table; S·V (a spare slot) after the end.
+    ``full``: every position is inside its response (fixed length), so there is nothing to redirect."""
+    flat = mdp.state_index(enum.prompt_idx, enum.tokens)                             # (N, L) fresh
+    torch.add(enum.tokens, flat, alpha=mdp.vocab_size, out=flat)                     # s·V + y
+    return flat if full else flat.masked_fill_(enum.mask == 0, mdp.num_states * mdp.vocab_size)
+
+
+def _per_pair(flat: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
+    """Scatter per-token values (N, L) to a per-(state, token) table (size,): every pair's value is
+    the same in every response through it (rewards depend on the pair only), so duplicates agree."""
+    out = torch.zeros(size + 1, dtype=torch.float64)
+    out.index_put_((flat.reshape(-1),), values.reshape(-1).to(torch.float64))
+    return out[:size]
+
+
 def tables(mdp: TokenMDP, policy, enum: Rollouts | None = None) -> Tables:
-    """All exact tables (detached, float64) of ``mdp`` under ``policy``."""
+    """All exact tables (detached, float64) of ``mdp`` under ``policy``.
+
+    Rewards per (state, token) are read off the enumeration; U, V, Q then follow by one backward
+    sweep over the levels of the tree and ρ(s) by one forward sweep. Within a prompt's block the
+    non-EOS children of level t's states are level t+1's states in order (mdp.py's index), so each
+    sweep step is a reshape of a contiguous slice: O(S·V) work, no gathers.
+    """
     check_compatible(mdp, policy)
     enum = enumerate_responses(mdp) if enum is None else enum
-    st = mdp.state_table()
     S, V, H, g = mdp.num_states, mdp.vocab_size, mdp.horizon, mdp.gamma
+    P, Sp, A, eos = len(mdp.prompts), mdp.states_per_prompt, mdp.arity, mdp.eos
+    start = mdp.level_start()
     with torch.no_grad():
-        pi = state_log_probs(mdp, policy).exp().to(torch.float64)               # (S, V)
-        # Token rewards and terminal RM per (state, token), read off the enumeration: each pair
-        # occurs in some response and its reward depends on the pair only.
-        s_idx = mdp.state_index(enum.prompt_idx, enum.tokens, enum.mask)          # (N, L)
-        m = enum.mask.bool()
-        r = torch.zeros(S, V, dtype=torch.float64)
-        r[s_idx[m], enum.tokens[m]] = enum.token_rewards[m]
-        last = enum.lengths - 1
-        rows = torch.arange(enum.batch_size)
-        rm_term = torch.zeros(S, V, dtype=torch.float64)
-        rm_term[s_idx[rows, last], enum.tokens[rows, last]] = enum.rm
-        child = torch.as_tensor(st["child"])                                      # (S, V)
-        level = torch.as_tensor(st["level"])
-        Vt = torch.zeros(S, dtype=torch.float64)
-        U = torch.zeros(S, dtype=torch.float64)
-        Q = torch.zeros(S, V, dtype=torch.float64)
-        Uc = torch.zeros(S, V, dtype=torch.float64)
-        for lvl in reversed(range(H)):                                           # backward over the tree
-            idx = torch.nonzero(level == lvl)[:, 0]
-            ch = child[idx]                                                      # (n, V)
-            term = ch < 0
-            chc = ch.clamp(min=0)
-            Q[idx] = r[idx] + g * torch.where(term, 0.0, Vt[chc])
-            Uc[idx] = torch.where(term, rm_term[idx], U[chc])
-            Vt[idx] = (pi[idx] * Q[idx]).sum(1)
-            U[idx] = (pi[idx] * Uc[idx]).sum(1)
-        visit = torch.zeros(S, dtype=torch.float64)
-        roots = torch.nonzero(level == 0)[:, 0]
-        visit[roots] = torch.as_tensor(mdp.prompt_probs)[torch.as_tensor(st["prompt"])[roots]]
-        for lvl in range(H - 1):                                                 # forward over the tree
-            idx = torch.nonzero(level == lvl)[:, 0]
-            ch = child[idx]
-            ok = ch >= 0
-            visit[ch[ok]] = (visit[idx][:, None] * pi[idx])[ok]
-        logp = response_log_prob(policy, enum).to(torch.float64)
-        prob = prompt_weights(mdp, enum) * logp.exp()
-        J_prompt = torch.zeros(len(mdp.prompts), dtype=torch.float64).index_add(0, enum.prompt_idx,
-                                                                                logp.exp() * enum.rm)
+        log_pi = state_log_probs(mdp, policy).detach().to(torch.float64)             # (S, V)
+        pi = log_pi.exp()
+        flat = _pair_index(mdp, enum)                                                # (N, L)
+        r = _per_pair(flat, enum.token_rewards, S * V).view(S, V)                   # this decomposition's r(s, a)
+        last = flat.gather(1, (enum.lengths - 1).clamp(min=0)[:, None])             # (N, 1) the pair (s_T, y_T)
+        rm_term = _per_pair(last, enum.rm[:, None], S * V).view(S, V)               # RM at terminal pairs
+        # Per-prompt views (P, Sp, V); `kids` picks the non-EOS token columns in digit order.
+        pi3, r3, rm3 = pi.view(P, Sp, V), r.view(P, Sp, V), rm_term.view(P, Sp, V)
+        kids = slice(0, A) if eos is None or eos == V - 1 else torch.tensor([a for a in range(V) if a != eos])
+        U, Vt = torch.zeros(P, Sp, dtype=torch.float64), torch.zeros(P, Sp, dtype=torch.float64)
+        Q, Uc = rm3.new_empty(P, Sp, V), rm3.new_empty(P, Sp, V)
+        for t in reversed(range(H)):                                                 # backward over the tree
+            lv = slice(int(start[t]), int(start[t + 1]))                             # level t: A^t states
+            Q[:, lv], Uc[:, lv] = r3[:, lv], rm3[:, lv]                              # terminal pairs
+            if t < H - 1:                                                            # non-EOS children are states
+                nxt = slice(int(start[t + 1]), int(start[t + 2]))
+                q, uc = Q[:, lv], Uc[:, lv]                                          # (P, A^t, V) views
+                q[..., kids] = r3[:, lv][..., kids] + g * Vt[:, nxt].reshape(P, -1, A)
+                uc[..., kids] = U[:, nxt].reshape(P, -1, A)
+            Vt[:, lv] = (pi3[:, lv] * Q[:, lv]).sum(-1)
+            U[:, lv] = (pi3[:, lv] * Uc[:, lv]).sum(-1)
+        visit = torch.zeros(P, Sp, dtype=torch.float64)
+        visit[:, 0] = torch.as_tensor(mdp.prompt_probs)                              # roots: ρ(x)
+        for t in range(H - 1):                                                       # forward over the tree
+            lv, nxt = slice(int(start[t]), int(start[t + 1])), slice(int(start[t + 1]), int(start[t + 2]))
+            visit[:, nxt] = (visit[:, lv, None] * pi3[:, lv][..., kids]).reshape(P, -1)
+        # log π(y|x) from the same per-state table (a spare 0 entry after the end).
+        logp = torch.cat([log_pi.reshape(-1), log_pi.new_zeros(1)])[flat].sum(1)     # (N,)
+        cond = logp.exp()                                                            # π(y|x)
+        prob = prompt_weights(mdp, enum) * cond
+        J_prompt = torch.zeros(P, dtype=torch.float64).index_add(0, enum.prompt_idx, cond * enum.rm)
+        Q, Uc, U, Vt, visit = Q.view(S, V), Uc.view(S, V), U.view(S), Vt.view(S), visit.view(S)
     return Tables(mdp, enum, pi, r, U, Uc, Vt, Q, Q - Vt[:, None], visit, prob, float((prob * enum.rm).sum()),
                   J_prompt)
 
@@ -247,23 +297,80 @@ class Moments:
     notes: tuple = ()
 
 
-def token_scores(policy, enum: Rollouts, budget: int = 50_000_000) -> torch.Tensor:
-    """(N, L, D) per-token score vectors ∇_θ log π(y_t|s_t) (zero after the end): one batched
-    backward (vmap over one-hot output directions)."""
+def token_scores(policy, enum: Rollouts, budget: int = 50_000_000, chunk: int = 2048) -> torch.Tensor:
+    """(N, L, D) per-token score vectors ∇_θ log π(y_t|s_t) (zero after the end): batched backward
+    passes (vmap over one-hot output directions), ``chunk`` outputs at a time so the one-hot block
+    (chunk, N·L) stays small. Refused before allocating when N·L·D exceeds ``budget``."""
     ps = _params(policy)
     D = sum(p.numel() for p in ps)
     check_budget(enum.tokens.numel() * D, budget, f"per-token score Jacobian ({enum.tokens.numel()} tokens × {D} params)")
     lp = (policy.token_log_probs(enum.prompt_idx, enum.tokens) * enum.mask).reshape(-1)   # (N·L,)
-    eye = torch.eye(lp.numel(), dtype=lp.dtype)
-    grads = torch.autograd.grad(lp, ps, grad_outputs=eye, is_grads_batched=True, allow_unused=True)
-    out = torch.cat([(torch.zeros(lp.numel(), p.numel(), dtype=lp.dtype) if g is None else g.reshape(lp.numel(), -1))
-                     for g, p in zip(grads, ps)], 1)                                        # (N·L, D)
+    n = lp.numel()
+    chunk = max(1, min(chunk, 4_194_304 // max(n, 1)))                                     # one-hot block ≤ 32 MiB
+    out = torch.zeros(n, D, dtype=torch.float64)                                            # (N·L, D)
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        onehot = torch.zeros(hi - lo, n, dtype=lp.dtype)
+        onehot[torch.arange(hi - lo), torch.arange(lo, hi)] = 1.0                           # (b, N·L)
+        grads = torch.autograd.grad(lp, ps, grad_outputs=onehot, is_grads_batched=True, allow_unused=True,
+                                    retain_graph=hi < n)
+        out[lo:hi] = torch.cat([(torch.zeros(hi - lo, p.numel(), dtype=lp.dtype) if g is None
+                                 else g.reshape(hi - lo, -1)) for g, p in zip(grads, ps)], 1)
     return out.reshape(*enum.tokens.shape, D)
+
+
+def directional_scores(policy, ro: Rollouts, directions: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """(B, L, K) ⟨u_k, ∇_θ log π(y_t|s_t)⟩ without forming the (tokens, D) Jacobian: double backward.
+
+    g(v) = ∇_θ Σ v·ℓ is linear in the weights v (B, L), so ∂⟨g(v), u_k⟩/∂v = J u_k: one backward
+    with a graph, then one per direction, ``chunk`` rows at a time. Plain reverse mode works for every
+    policy, including the tabular one whose state index is computed in numpy (``torch.func``'s
+    forward mode cannot trace through numpy).
+    """
+    ps = _params(policy)
+    sizes = [p.numel() for p in ps]
+    u = torch.as_tensor(directions, dtype=torch.float64)
+    B, L = ro.tokens.shape
+    out = torch.zeros(B, L, u.shape[0], dtype=torch.float64)
+    for lo in range(0, B, chunk):
+        sl = slice(lo, min(B, lo + chunk))
+        lp = policy.token_log_probs(ro.prompt_idx[sl], ro.tokens[sl]) * ro.mask[sl]         # (b, L)
+        v = torch.zeros_like(lp, requires_grad=True)
+        gs = torch.autograd.grad(lp, ps, grad_outputs=v, create_graph=True, allow_unused=True)
+        for k, uk in enumerate(u):
+            parts = torch.split(uk, sizes)
+            dot = sum((g * part.reshape(p.shape).to(g.dtype)).sum() for g, part, p in zip(gs, parts, ps)
+                      if g is not None)
+            if torch.is_tensor(dot) and dot.requires_grad:
+                out[sl, :, k] = torch.autograd.grad(dot, v, retain_graph=k + 1 < len(u))[0].to(torch.float64)
+    return out * ro.mask[:, :, None]
+
+
+def projected_scores(policy, ro: Rollouts, directions: torch.Tensor, budget: int = 50_000_000) -> torch.Tensor:
+    """(B, L, K) ⟨u_k, ∇_θ log π(y_t|s_t)⟩ for every row of ``ro`` and direction u_k (K, D).
+
+    Distinct (prompt, response) rows are scored once (a sampled batch from a small MDP repeats a
+    few responses many times). Up to ``budget`` token × parameter entries the per-token scores are
+    formed (``token_scores``) and projected; above it ``directional_scores`` avoids the Jacobian.
+    """
+    u = torch.as_tensor(directions, dtype=torch.float64)
+    D = sum(p.numel() for p in _params(policy))
+    if u.dim() != 2 or u.shape[1] != D:
+        raise TPGError(f"directions must have shape (K, D) with D = {D} parameters, got {tuple(u.shape)}")
+    key = torch.cat([ro.prompt_idx[:, None], ro.tokens * ro.mask.long()], 1)              # (B, 1 + L)
+    uniq, inv = torch.unique(key, dim=0, return_inverse=True)
+    first = torch.zeros(len(uniq), dtype=torch.long).scatter_(0, inv, torch.arange(len(inv)))
+    sub = ro.select(first)                                                                 # one row per response
+    if sub.tokens.numel() * D <= budget:
+        s = token_scores(policy, sub, budget) @ u.T                                        # (U, L, K)
+    else:
+        s = directional_scores(policy, sub, u)                                             # (U, L, K)
+    return s[inv]
 
 
 def moments(est, mdp: TokenMDP, policy, G: int = 1, *, n_prompts: int = 1, route: str = "multiset",
             old_policy=None, critic=None, ref=None, cov: str | None = None, budget: int | None = None,
-            chunk_rows: int = 200_000) -> Moments:
+            chunk_rows: int = 200_000, directions: torch.Tensor | None = None) -> Moments:
     """Exact E[ĝ] (and Cov[ĝ] on request: cov="trace" or "full") of an estimator.
 
     ``est`` is any callable ``est(rollouts) -> EstimatorOutput | loss`` (an ``Estimator`` or a user
@@ -272,7 +379,16 @@ def moments(est, mdp: TokenMDP, policy, G: int = 1, *, n_prompts: int = 1, route
     θ ≠ θ_old (PPO after an update) is covered. By linearity (DESIGN §2) the estimator is evaluated
     once per distinct batch, its coefficients c = −∂loss/∂logp are averaged per response into W, and
     E[ĝ] = ∇_θ Σ W·ℓ is one backward pass through the enumeration.
+
+    Second moments need each batch's ĝ = Σ c ∇ℓ, from the per-token scores (N, L, D). With
+    ``directions`` (K, D) only the projections ⟨u_k, ĝ⟩ are formed (``projected_scores``), and
+    ``cov``/``cov_trace`` are those of the K projections: the
+    exact variances a designed Monte Carlo test needs (``tpg.verify.mc_check``) for any D.
+    Estimators that read continuation returns get no covariance (their substitution by U is exact
+    for the mean only); a note says so.
     """
+    if cov not in (None, "trace", "full"):
+        raise TPGError(f"cov must be None, 'trace' or 'full', got {cov!r}")
     from tpg.draws import ExactDraws
     from tpg.estimators.core import coefficients
     behaviour = policy if old_policy is None else old_policy
@@ -287,8 +403,13 @@ def moments(est, mdp: TokenMDP, policy, G: int = 1, *, n_prompts: int = 1, route
         logp_old = (behaviour.token_log_probs(enum.prompt_idx, enum.tokens) * enum.mask).to(torch.float64)
     N, L = enum.tokens.shape
     W = torch.zeros(N, L, dtype=torch.float64)
-    want_cov = cov is not None
-    scores = token_scores(policy, enum) if want_cov else None                      # (N, L, D)
+    want_cov = cov is not None and not needs.get("continuations")
+    scores = None
+    if want_cov and directions is not None:
+        u = torch.as_tensor(directions, dtype=torch.float64)
+        scores = projected_scores(policy, enum, u)                                   # (N, L, K)
+    elif want_cov:
+        scores = token_scores(policy, enum)                                          # (N, L, D)
     sq, notes = 0.0, []
     second = None
     per_chunk = max(1, chunk_rows // width)
@@ -308,7 +429,7 @@ def moments(est, mdp: TokenMDP, policy, G: int = 1, *, n_prompts: int = 1, route
         pw = ro.extras["_row_prob"] * w                                              # (rows,)
         W.index_add_(0, ro.response_id, pw[:, None] * c)
         if want_cov:
-            g = torch.einsum("rl,rld->rd", c, scores[ro.response_id])                # (rows, D)
+            g = torch.einsum("rl,rld->rd", c, scores[ro.response_id])                # (rows, D or K)
             g_b = torch.zeros(ro.n_batches, g.shape[1], dtype=g.dtype).index_add(0, ro.batch, g)
             p_b = torch.zeros(ro.n_batches, dtype=g.dtype).index_add(0, ro.batch, pw) / \
                 torch.zeros(ro.n_batches, dtype=g.dtype).index_add(0, ro.batch, torch.ones_like(pw))
@@ -320,9 +441,12 @@ def moments(est, mdp: TokenMDP, policy, G: int = 1, *, n_prompts: int = 1, route
     out = Moments(mean, W, n_out)
     if needs.get("continuations"):
         notes.append("continuation returns substituted by their exact expectation (exact for the mean only)")
-    if want_cov and not needs.get("continuations"):
-        out.cov_trace = sq - float(mean @ mean)
+        if cov is not None:
+            notes.append("no covariance: it would need the continuations' own randomness (use Monte Carlo)")
+    if want_cov:
+        m = mean if directions is None else u @ mean                                # (D,) or (K,)
+        out.cov_trace = sq - float(m @ m)
         if cov == "full":
-            out.cov = second - torch.outer(mean, mean)
+            out.cov = second - torch.outer(m, m)
     out.notes = tuple(notes)
     return out
