@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 
 import numpy as np
 import pytest
@@ -130,19 +129,17 @@ def test_enumeration_above_budget_is_refused_before_allocating():
     at once (no allocation: it could not succeed), naming the size and pointing to Monte Carlo."""
     m = TokenMDP([()], 50, 10, eos=49, token_rewards=ZERO)
     n = f"{m.num_responses:,}"
-    start = time.perf_counter()
     for job in (lambda: enumerate_responses(m), lambda: exact.gradient(m, LogLinear(m)),
                 lambda: exact.tables(m, LogLinear(m)), lambda: exact.objective(m, LogLinear(m)), m.zra):
-        with pytest.raises(BudgetError, match=rf"needs {n} items, above the budget of 10,000,000\. Use Monte Carlo"):
-            job()
-    assert time.perf_counter() - start < 2.0
+        with pytest.raises(BudgetError, match=rf"needs {n} responses, above the budget of 10,000,000\. Use Monte Carlo"):
+            job()   # allocating first would raise MemoryError/RuntimeError here, not BudgetError
 
 
 def test_budget_is_configurable():
     """The budget is an argument: exactly N responses fit in budget=N and not in budget=N−1."""
     m = make()
     assert enumerate_responses(m, budget=m.num_responses).batch_size == m.num_responses
-    with pytest.raises(BudgetError, match=rf"needs {m.num_responses} items, above the budget of {m.num_responses - 1}"):
+    with pytest.raises(BudgetError, match=rf"needs {m.num_responses} responses, above the budget of {m.num_responses - 1}"):
         enumerate_responses(m, budget=m.num_responses - 1)
 
 

@@ -76,11 +76,13 @@ def _finish(mdp: TokenMDP, prompt_idx, tokens, mask, group, batch, n_batches, lo
 
 
 # ---------------------------------------------------------------------------------- enumeration
-def check_budget(n: int, budget: int | None, what: str) -> None:
+def check_budget(n: int, budget: int | None, what: str, unit: str = "responses") -> None:
+    """Refuse, before anything is allocated, an exact job of ``n`` units above ``budget``."""
     budget = DEFAULT_BUDGET if budget is None else budget
     if n > budget:
-        raise BudgetError(f"exact enumeration of {what} needs {n:,} items, above the budget of {budget:,}. "
-                          "Use Monte Carlo (tpg.rollouts.sample / tpg.verify.mc_check) or pass a larger budget=.")
+        raise BudgetError(f"exact enumeration of {what} needs {n:,} {unit}, above the budget of {budget:,}. "
+                          "Use Monte Carlo instead (tpg.rollouts.sample, tpg.verify.mc_check, tpg.mc) "
+                          "or pass a larger budget=.")
 
 
 def enumerate_responses(mdp: TokenMDP, budget: int | None = None) -> Rollouts:
