@@ -264,7 +264,8 @@ def batch_outcomes(tab: Tables, G: int, n_prompts: int = 1, route: str = "multis
     rho = torch.as_tensor(mdp.prompt_probs)
     sizes = torch.bincount(enum.prompt_idx, minlength=len(mdp.prompts)).tolist()
     n_groups = sum(math.comb(n + G - 1, G) if route == "multiset" else n**G for n in sizes)
-    check_budget(n_groups**n_prompts * n_prompts * G, budget, f"{n_prompts} prompt(s) × G={G} batches ({route})")
+    check_budget(n_groups**n_prompts * n_prompts * G, budget, f"{n_prompts} prompt(s) × G={G} batches ({route})",
+                 "response slots")
     cond = (tab.prob / rho[enum.prompt_idx]).numpy()                     # π(y|x)
     ids, probs, off = [], [], 0
     for x, n in enumerate(sizes):
@@ -303,7 +304,8 @@ def token_scores(policy, enum: Rollouts, budget: int = 50_000_000, chunk: int = 
     (chunk, N·L) stays small. Refused before allocating when N·L·D exceeds ``budget``."""
     ps = _params(policy)
     D = sum(p.numel() for p in ps)
-    check_budget(enum.tokens.numel() * D, budget, f"per-token score Jacobian ({enum.tokens.numel()} tokens × {D} params)")
+    check_budget(enum.tokens.numel() * D, budget, f"per-token score Jacobian ({enum.tokens.numel()} tokens × {D} params)",
+                 "entries")
     lp = (policy.token_log_probs(enum.prompt_idx, enum.tokens) * enum.mask).reshape(-1)   # (N·L,)
     n = lp.numel()
     chunk = max(1, min(chunk, 4_194_304 // max(n, 1)))                                     # one-hot block ≤ 32 MiB
