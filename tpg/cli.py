@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -81,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, not bad input: say so in one line unless the user asks for more
+        if os.environ.get("TPG_DEBUG"):
+            raise
+        print(f"tpg {args.cmd}: internal error: {type(e).__name__}: {e} "
+              "(this is a bug in tpg; rerun with TPG_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":
