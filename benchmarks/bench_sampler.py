@@ -74,15 +74,18 @@ def run(V: int, H: int, n: int, repeats: int, naive_n: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--responses", type=int, default=2**16)
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: run with 1 and with torch's default)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--naive", type=int, default=300, help="responses in the naive-loop subsample")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s)")
-    for V, H in CONFIGS:
-        run(V, H, args.responses, args.repeats, args.naive)
+    # Each decoding step works on (B, V) tensors of a few hundred kB: intra-op threads mostly wait
+    # on each other, so tpg's CLI and tests run single-threaded. Both settings are printed.
+    for threads in [args.threads] if args.threads else sorted({1, torch.get_num_threads()}):
+        torch.set_num_threads(threads)
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s)")
+        for V, H in CONFIGS:
+            run(V, H, args.responses, args.repeats, args.naive)
 
 
 if __name__ == "__main__":

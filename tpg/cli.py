@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import torch
+    # tpg's tensors are small: intra-op threads cost more in hand-offs than they save (3–10× on
+    # 2 cores, benchmarks/bench_sampler.py). TPG_THREADS overrides.
+    torch.set_num_threads(int(os.environ.get("TPG_THREADS", "1")))
     from tpg.mdp import TPGError
     try:
         return int(args.fn(args) or 0)
