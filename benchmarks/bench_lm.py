@@ -15,10 +15,13 @@ Timings are the minimum over ``--repeat`` runs after a warm-up. Usage:
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # runnable from a checkout without installing
 from tpg import estimator, exact, random_mdp
 from tpg.lm import GPT2Policy
 from tpg.rollouts import enumerate_responses, sample

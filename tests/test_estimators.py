@@ -416,6 +416,11 @@ def test_kl_in_reward(kind):
     r = [[R[i][t] - beta * KL_VALUE[kind](D[i][t]) for t in range(LENS[i])] for i in range(B)]
     replay(estimator("reinforce_oracle", kl=KL(beta, kind, "reward")),
            [[sum(r[i][t:]) for t in range(LENS[i])] for i in range(B)], ro=ro)
+    # ReMax (verl): reward-to-go of [−β k_1, …, −β k_{T−1}, RM − β k_T], minus the greedy score —
+    # token t does not carry the KL of earlier tokens.
+    out = [[RM[i] - beta * sum(KL_VALUE[kind](d) for d in D[i][t:LENS[i]]) - GREEDY[i] for t in range(LENS[i])]
+           for i in range(B)]
+    replay(estimator("remax", kl=KL(beta, kind, "reward")), out, ro=ro)
 
 
 # =================================================================================== GRPO edge case
@@ -827,3 +832,70 @@ def test_user_estimator_plugs_into_the_registry():
         assert report(estimator("test_prefix_baseline"), m, p, cov=None).verdict == "unbiased"
     finally:
         ADVANTAGES.pop("test_prefix_baseline")
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(clip=0.0), r"clip must be a number in \(0, 1\).*got 0.0"),
+    (dict(clip=1.0), r"clip must be a number in \(0, 1\).*got 1.0"),
+    (dict(clip=float("nan")), r"clip must be a number in \(0, 1\).*got nan"),
+    (dict(clip_high=-0.1), r"clip_high must be a number in \(0, 1\).* or None, got -0.1"),
+    (dict(clip_high=float("inf")), r"clip_high must be a number in \(0, 1\).* or None, got inf"),
+    (dict(dual_clip=1.0), r"dual clip constant c \(dual_clip\) must be None or a number > 1.*got 1.0"),
+    (dict(dual_clip="3"), r"dual clip constant c \(dual_clip\) must be None or a number > 1.*got '3'"),
+])
+def test_clip_constants_are_checked_at_construction(kw, message):
+    """PPO clip constants are validated when the estimator is built, before any rollouts exist."""
+    with pytest.raises(TPGError, match=message):
+        estimator("grpo", **kw)
+
+
+def test_misspelled_advantage_option_names_the_valid_ones():
+    with pytest.raises(TPGError, match=r"estimator 'grpo' got invalid options \['stdd'\].*"
+                                       r"its options are \['std', 'eps', 'ddof'\]"):
+        estimator("grpo", stdd=False)
+    with pytest.raises(TPGError, match=r"estimator 'rloo' got invalid options \['K'\].*its options are none"):
+        estimator("rloo", K=2)
+    with pytest.raises(TPGError, match=r"estimator 'grpo' got invalid options \['eps', 'std', 'stdd'\]"):
+        estimator("drgrpo", stdd=True, eps=0.1)          # the preset's std=False is listed too
+
+
+@pytest.mark.parametrize("name,opts,message", [
+    ("reinforce_oracle", dict(gamma=0.0), r"discount gamma must be a number in \(0, 1\], got 0.0"),
+    ("reinforce_oracle", dict(gamma=1.5), r"discount gamma must be a number in \(0, 1\], got 1.5"),
+    ("reinforce_pp", dict(gamma=-0.5), r"discount gamma must be a number in \(0, 1\], got -0.5"),
+    ("gae", dict(gamma=float("nan")), r"discount gamma must be a number in \(0, 1\], got nan"),
+    ("gae", dict(lam=1.2), r"GAE lam \(λ\) must be a number in \[0, 1\].*got 1.2"),
+    ("gae", dict(lam=-0.1), r"GAE lam \(λ\) must be a number in \[0, 1\].*got -0.1"),
+    ("grpo", dict(eps=-1e-6), r"grpo eps .* must be a number ≥ 0, got -1e-06"),
+    ("grpo", dict(ddof=2), r"grpo ddof must be 0 .* or 1 .*got 2"),
+    ("grpo", dict(ddof=True), r"grpo ddof must be 0 .* or 1 .*got True"),
+])
+def test_advantage_option_ranges_are_refused(name, opts, message):
+    """Out-of-range advantage options raise where the advantage function first sees them."""
+    est = estimator(name, **opts)
+    sc = hand_batch().score(TabularSoftmax(MDP, seed=0))
+    sc.extras["values"] = torch.zeros_like(sc.mask)                          # (B, L) a critic, for gae
+    with pytest.raises(TPGError, match=message):
+        est(sc)
+
+
+@pytest.mark.parametrize("name,opts,message", [
+    ("trepo", dict(variant="interp", anchors={"kind": "fixed", "positions": [0, 2]}),
+     r"'fixed' anchors need positions = a list of ints ≥ 1.*got \[0, 2\]"),
+    ("trepo", dict(variant="chunk", anchors={"kind": "fixed", "positions": [1.5]}),
+     r"'fixed' anchors need positions = a list of ints ≥ 1.*got \[1.5\]"),
+    ("trepo", dict(variant="chunk", anchors={"kind": "fixed"}),
+     r"'fixed' anchors need positions = a list of ints ≥ 1.*got None"),
+    ("vineppo", dict(step=0), r"VinePPO step size must be an int ≥ 1 .*got 0"),
+    ("vineppo", dict(max_steps=-1), r"max_steps must be None or an int ≥ 0 .*got -1"),
+    ("vineppo", dict(max_steps=1.0), r"max_steps must be None or an int ≥ 0 .*got 1.0"),
+])
+def test_anchor_and_step_options_are_refused(name, opts, message):
+    """The registry's needs function (asked before any extra draw is made) and the advantage
+    function both refuse them."""
+    est = estimator(name, **opts)
+    with pytest.raises(TPGError, match=message):
+        est.needs
+    sc = hand_batch().score(TabularSoftmax(MDP, seed=0))
+    with pytest.raises(TPGError, match=message):
+        est(sc)

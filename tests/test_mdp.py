@@ -305,3 +305,10 @@ def test_rewards_decomposition(mdp):
 def test_repr_names_the_size():
     m = make()
     assert repr(m) == "TokenMDP(P=2, V=3, H=2, eos=2, γ=0.9, token rewards, 14 responses)"
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, "3", True, None])
+def test_random_mdp_refuses_a_bad_seed(seed):
+    """A negative or non-int seed is a TPGError naming the rule, not numpy's raw ValueError."""
+    with pytest.raises(TPGError, match=f"seed must be an int ≥ 0 .*got {seed!r}"):
+        random_mdp(seed)

@@ -83,7 +83,8 @@ def test_sampled_responses_are_valid(eos):
             assert T == L
     assert_close(ro.logp_old, p.token_log_probs(ro.prompt_idx, ro.tokens).detach() * ro.mask)
     r, rm = m.rewards(ro.prompt_idx, ro.tokens, ro.mask)
-    assert_close(ro.rm, rm) and assert_close(ro.token_rewards, r)
+    assert_close(ro.rm, rm)
+    assert_close(ro.token_rewards, r)
     assert ro.group.tolist() == [g for g in range(6) for _ in range(4)]
     assert ro.batch.tolist() == [b for b in range(2) for _ in range(12)] and ro.n_batches == 2
 
@@ -321,3 +322,12 @@ def test_enumeration_is_refused_above_budget():
     from tpg.mdp import BudgetError
     with pytest.raises(BudgetError, match="budget"):
         enumerate_responses(m, budget=10)
+
+
+@pytest.mark.parametrize("name", ["n_prompts", "n_batches"])
+@pytest.mark.parametrize("value", [0, -2, 1.5, True])
+def test_sample_refuses_bad_prompt_and_batch_counts(m2, name, value):
+    """n_prompts and n_batches are counts ≥ 1: a TPGError, not torch's raw RuntimeError."""
+    m, p = m2
+    with pytest.raises(TPGError, match=f"{name} must be an int ≥ 1, got {value!r}"):
+        sample(m, p, 2, torch.Generator(), **{name: value})

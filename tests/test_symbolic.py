@@ -324,3 +324,22 @@ def test_cli_unknown_id(capsys):
         run_cli(Namespace(ids=["lemma3"], list=False))
     assert cli_main(["prove", "lemma3"]) == 2
     assert "unknown identity 'lemma3'" in capsys.readouterr().err
+
+
+def test_symbolic_gae_matches_the_estimator_code():
+    """``gae_along`` (sympy, needed for symbolic λ) is the same recursion as the registry's GAE:
+    at a rational point, with the exact critic, it equals ``gae_advantages`` on every response."""
+    from tpg.draws import exact_critic
+    from tpg.estimators.gae import gae_advantages
+    from tpg.symbolic import gae_along
+    eng = SymbolicMDP(structure(**SIZES[0]))
+    pt = eng.point(0)
+    nm, pol = numeric_twin(eng, pt)
+    tab = exact.tables(nm, pol)
+    enum = tab.enum
+    values = exact_critic(tab)(enum)                                                   # (N, L)
+    lam = sympy.Rational(1, 3)
+    num = gae_advantages(enum.token_rewards, values, enum.mask, float(pt["gamma"]), float(lam))   # (N, L)
+    for p in eng.paths:
+        sym = [float(v) for v in eng.evaluate(gae_along(eng, p.n, lam), pt)]
+        assert_close(torch.tensor(sym, dtype=torch.float64), num[p.n, : p.T], what=f"GAE along response {p.n}")

@@ -117,3 +117,40 @@ def test_cli_bad_algorithm_is_a_clean_error(capsys):
     assert main(["train", "--algo", "nope", "--steps", "2"]) != 0
     err = capsys.readouterr().err
     assert "unknown algorithm 'nope'" in err and "rloo" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--seed", "-1"], "--seed must be an int ≥ 0, got -1"),
+    (["--lr", "0"], "learning rate must be a finite number > 0, got 0.0"),
+    (["--lr", "nan"], "learning rate must be a finite number > 0, got nan"),
+    (["--lr", "-0.1"], "learning rate must be a finite number > 0, got -0.1"),
+    (["--G", "0"], "G must be an int ≥ 1, got 0"),
+    (["--algo", "grpo", "--G", "1"], "grpo compares responses within a group: use G ≥ 2 (got G=1)"),
+    (["--steps", "0"], "steps must be an int ≥ 1, got 0"),
+])
+def test_cli_bad_hyperparameters_fail_before_pretraining(argv, message, capsys):
+    """Bad input exits 2 with one line naming the rule, and no pretraining has run."""
+    assert main(["train", "--steps", "2"] + argv) == 2
+    out, err = capsys.readouterr()
+    assert err.strip() == f"tpg train: error: {message}"
+    assert "pretrained" not in out
+
+
+@pytest.mark.parametrize("cmd", ["train", "verify"])
+def test_cli_unwritable_json_path_fails_before_any_work(cmd, tmp_path, capsys):
+    """A --json path in a missing directory, or naming a directory, is refused up front (exit 2)."""
+    args = [cmd, "--json"] + (["--steps", "2"] if cmd == "train" else ["--claims", "T1"])
+    missing = tmp_path / "no" / "log.json"
+    assert main(args[:2] + [str(missing)] + args[2:]) == 2
+    out, err = capsys.readouterr()
+    assert f"directory {missing.parent} does not exist; create it first" in err and out == ""
+    assert main(args[:2] + [str(tmp_path)] + args[2:]) == 2
+    out, err = capsys.readouterr()
+    assert f"--json {tmp_path} is a directory" in err and out == ""
+
+
+def test_cli_verify_refuses_a_negative_seed(capsys):
+    """tpg verify --seed -5 is bad input (exit 2), not a claim disagreement or an internal error."""
+    assert main(["verify", "--claims", "T1", "--seed", "-5"]) == 2
+    out, err = capsys.readouterr()
+    assert err.strip() == "tpg verify: error: --seed must be an int ≥ 0, got -5" and out == ""

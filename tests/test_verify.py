@@ -49,6 +49,8 @@ def test_verdict_thresholds():
     assert v == "biased" and abs(c - 1) < 1e-15 and abs(resid - 1) < 1e-15 and abs(cos - 1 / 2**0.5) < 1e-15
     assert verdict_of(g + 1e-9 * torch.tensor([4.0, 3.0], dtype=torch.float64), g)[0] == "biased"   # > RTOL
     assert verdict_of(g, g, roundoff=RTOL)[0] == "inconclusive"                  # δ above RTOL/100
+    assert verdict_of(-g, g)[:3] == ("biased", 2.0, -1.0)                        # reversed: no step size fixes it
+    assert verdict_of(0 * g, g)[0] == "biased"                                   # zero expected update
     with pytest.raises(TPGError, match="exactly zero"):
         verdict_of(g, torch.zeros(2, dtype=torch.float64))
     with pytest.raises(TPGError, match="non-finite"):
@@ -64,7 +66,8 @@ def test_report_fields_and_roundoff_reuse():
     assert rep.roundoff < RTOL / 100 and rep.cov_trace > 0
     json.dumps(rep.to_dict())
     again = report(estimator("grpo", std=False), mdp, pol, 4, roundoff=roundoff_floor(mdp, pol), cov=None)
-    assert_vec_close(again.mean, rep.mean) and again.cov_trace is None
+    assert_vec_close(again.mean, rep.mean)
+    assert again.cov_trace is None
 
 
 def test_report_against_another_target():

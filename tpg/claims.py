@@ -45,9 +45,9 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from tpg import exact
 from tpg.draws import ExactDraws, TableCritic, exact_critic, perturbed_critic
 from tpg.estimators import KL, estimator
-from tpg.mdp import TokenMDP, TPGError, random_mdp
+from tpg.mdp import TokenMDP, TPGError, check_output_path, random_mdp
 from tpg.policies import make_policy
-from tpg.rollouts import enumerate_responses, greedy, response_log_prob
+from tpg.rollouts import greedy, response_log_prob
 from tpg.verify import RTOL, report, roundoff_floor, verdict_of
 
 MARGIN = 1e-4
@@ -641,11 +641,9 @@ def f3(ex: Exact, Gs: tuple = (2, 3)) -> Outcome:
     return false_outcome(combine([est_verdict(r) for _, r in reps]), min(r.rel_bias for _, r in reps), checks, fig, m)
 
 
-# F4 measures non-parallelism by the residual after the best scale, ‖E ĝ − c∇J‖/‖∇J‖ (against
-# MARGIN), and by 1 − cos, which is second order in the angle (≈ residual²/2c²): over seeds 0–199 of
-# the tabular and log-linear policies the smallest 1 − cos seen was 3.9e-6, so this margin sits 39×
-# below every measurement and ≥ 10^9× above float64 round-off.
-F4_COS_MARGIN = 1e-7
+# F4 measures non-parallelism by the residual after the best scale, ‖E ĝ − c∇J‖/‖∇J‖, against
+# MARGIN. 1 − cos is reported too but not thresholded separately: it is a function of the same two
+# numbers, 1 − cos = 1 − c/√(c² + residual²), so a second margin would add no information.
 
 
 def two_rate_mdp(seed: int, kind: str, G: int = 6) -> Exact:
@@ -688,8 +686,7 @@ def f4_seeded(seed: int, kind: str) -> Outcome:
         ex = setup(seed, kind, **kw) if kw else two_rate_mdp(seed, kind, G)
         r = ex.report(estimator("grpo"), G)
         verdicts.append(est_verdict(r))
-        checks += [differ(f"residual after best scale ({label})", r.residual),
-                   differ(f"1 − cosine ({label})", 1 - r.cosine, F4_COS_MARGIN)]
+        checks.append(differ(f"residual after best scale ({label})", r.residual))
         m[label] = {"residual": r.residual, "cosine": r.cosine, "scale": r.scale, "rel_bias": r.rel_bias}
         if kw is None:                                                      # per-prompt κ_x differ
             kx = [grpo_kappa(float(ex.tab.J_prompt[x]), G, 1e-6) for x in range(2)]
@@ -997,6 +994,9 @@ def run_cli(args) -> int:
         return 0
     if not isinstance(args.seeds, int) or args.seeds < 1:
         raise TPGError(f"--seeds must be ≥ 1, got {args.seeds!r}")
+    if not isinstance(args.seed, int) or args.seed < 0:
+        raise TPGError(f"--seed must be an int ≥ 0, got {args.seed!r}")
+    check_output_path(args.json)
     if args.policy == "gpt2":
         try:
             import transformers  # noqa: F401

@@ -15,6 +15,7 @@ Critics and reference policies are deterministic functions of the prefix, identi
 from __future__ import annotations
 
 import itertools
+from numbers import Integral
 
 import torch
 
@@ -54,6 +55,12 @@ def _check_anchor_spec(spec: dict) -> dict:
                        f"got {spec!r}")
     if spec["kind"] == "bernoulli" and not 0.0 < float(spec.get("q", -1)) <= 1.0:
         raise TPGError(f"bernoulli anchors need 0 < q ≤ 1, got {spec.get('q')!r}")
+    if spec["kind"] == "fixed":
+        pos = spec.get("positions")
+        if not isinstance(pos, (list, tuple)) or not all(
+                isinstance(t, Integral) and not isinstance(t, bool) and t >= 1 for t in pos):
+            raise TPGError(f"'fixed' anchors need positions = a list of ints ≥ 1 (token positions, 1-based), "
+                           f"e.g. {{'kind': 'fixed', 'positions': [1, 3]}}; got {pos!r}")
     if spec["kind"] == "every" and not int(spec.get("k", 0)) >= 1:
         raise TPGError(f"'every' anchors need k ≥ 1, got {spec.get('k')!r}")
     return spec

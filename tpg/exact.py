@@ -258,6 +258,8 @@ def batch_outcomes(tab: Tables, G: int, n_prompts: int = 1, route: str = "multis
     """
     if not isinstance(G, int) or G < 1:
         raise TPGError(f"group size G must be an int ≥ 1, got {G!r}")
+    if isinstance(n_prompts, bool) or not isinstance(n_prompts, int) or n_prompts < 1:
+        raise TPGError(f"n_prompts (prompt draws per batch) must be an int ≥ 1, got {n_prompts!r}")
     if route not in ("multiset", "joint"):
         raise TPGError(f"route must be 'multiset' or 'joint', got {route!r}")
     mdp, enum = tab.mdp, tab.enum

@@ -21,6 +21,7 @@ Each may be a table of shape (num_states, V) or a Python callable.
 from __future__ import annotations
 
 import numbers
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -58,6 +59,20 @@ def _is_int(x) -> bool:
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise TPGError(msg)
+
+
+def check_output_path(path: str | None, flag: str = "--json") -> None:
+    """Refuse, before any work, an output file that could not be written (missing or read-only
+    directory, or a directory given as the file), so a long run never fails at its very end."""
+    if path is None:
+        return
+    full = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(full)
+    _check(not os.path.isdir(full), f"{flag} {path} is a directory: give a file path, e.g. {flag} out.json")
+    _check(os.path.isdir(folder), f"{flag} {path}: directory {folder} does not exist; create it first")
+    _check(os.access(folder, os.W_OK), f"{flag} {path}: directory {folder} is not writable; choose another path")
+    _check(not os.path.exists(full) or os.access(full, os.W_OK),
+           f"{flag} {path}: the file exists and is not writable; choose another path")
 
 
 @dataclass(eq=False)
@@ -341,6 +356,7 @@ def random_mdp(seed: int = 0, *, vocab_size: int = 3, horizon: int = 3, eos: boo
     per-prompt success rate), "zra" (response-level N(0,1) RM: the Zero-Reward-Assumption form).
     With eos=True the EOS id is vocab_size - 1.
     """
+    _check(_is_int(seed) and seed >= 0, f"seed must be an int ≥ 0 (numpy seeds are non-negative), got {seed!r}")
     _check(reward in REWARD_KINDS, f"reward must be one of {REWARD_KINDS}, got {reward!r}")
     _check(_is_int(vocab_size) and vocab_size >= 1 + bool(eos),
            f"vocab_size must be an int ≥ {1 + bool(eos)} (eos={eos} needs one token besides EOS), got {vocab_size!r}")

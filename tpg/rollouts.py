@@ -202,6 +202,9 @@ def sample(mdp: TokenMDP, policy, G: int, generator: torch.Generator, *, n_promp
         raise TPGError(f"group size G must be an int ≥ 1, got {G!r}")
     if not isinstance(generator, torch.Generator):
         raise TPGError("sample() needs an explicit torch.Generator (tpg never seeds globally)")
+    for name, v in (("n_prompts", n_prompts), ("n_batches", n_batches)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise TPGError(f"{name} must be an int ≥ 1, got {v!r}")
     if prompt_idx is None:
         rho = torch.as_tensor(mdp.prompt_probs)
         prompt_idx = torch.multinomial(rho, n_prompts * n_batches, replacement=True, generator=generator)

@@ -900,7 +900,12 @@ def check_decomposition_grad() -> Evidence:
 
 def gae_along(eng: SymbolicMDP, n: int, lam) -> list:
     """GAE(γ, λ) advantages with the exact critic along response n: Σ_l (γλ)^l δ_(t+l),
-    δ_t = r_t + γ V(s_t) − V(s_(t−1)), V(terminal) = 0."""
+    δ_t = r_t + γ V(s_t) − V(s_(t−1)), V(terminal) = 0.
+
+    The one estimator written here rather than read off the numeric code: with λ and γ symbolic,
+    GAE is not linear in its inputs, so ``linear_coefficients`` cannot extract it. It is the same
+    backward recursion as ``tpg.estimators.gae.gae_advantages``, and
+    tests/test_symbolic.py::test_symbolic_gae_matches_the_estimator_code checks the two agree."""
     tab, p = eng.tables(), eng.paths[n]
     Vs = eng.along(n, tab["V"]) + [eng.zero]
     r = eng.along(n, eng.r)

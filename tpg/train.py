@@ -30,7 +30,7 @@ from tpg.draws import MonteCarloDraws, TableCritic, exact_critic
 from tpg.estimators import KL, estimator
 from tpg.estimators.core import ADVANTAGES, PRESETS
 from tpg.estimators.outcome import rewards_to_go
-from tpg.mdp import TokenMDP, TPGError, random_mdp
+from tpg.mdp import TokenMDP, TPGError, check_output_path, random_mdp
 from tpg.policies import LogLinear, make_policy
 from tpg.rollouts import Rollouts, response_log_prob, sample
 
@@ -77,6 +77,23 @@ def get_algo(name: str) -> Algo:
         raise TPGError(f"unknown algorithm {name!r}; choose one of {algo_names()} "
                        "(e.g. tpg train --algo rloo)")
     return ALGOS[name]
+
+
+GROUP_ADVANTAGES = ("grpo", "rloo", "drgrpo")      # compare responses within a group: need G ≥ 2
+
+
+def check_hyper(algo: str, steps, G, lr, min_steps: int = 0) -> Algo:
+    """Validate the training hyperparameters (shared by ``train`` and the CLI, which checks them
+    before pretraining so bad input never costs a pretraining run). Returns the algorithm."""
+    spec = get_algo(algo)
+    for name, v, lo in (("steps", steps, min_steps), ("G", G, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise TPGError(f"{name} must be an int ≥ {lo}, got {v!r}")
+    if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise TPGError(f"learning rate must be a finite number > 0, got {lr!r}")
+    if spec.advantage in GROUP_ADVANTAGES and G < 2:
+        raise TPGError(f"{algo} compares responses within a group: use G ≥ 2 (got G={G})")
+    return spec
 
 
 # ================================================================================ critic
@@ -206,14 +223,10 @@ def train(mdp: TokenMDP, policy, algo: str, steps: int, G: int = 4, lr: float = 
       eval_every: steps between exact J evaluations (also before the first and after the last).
     Returns the ``TrainLog``; writes it as JSON to ``log_path`` when given.
     """
-    spec = get_algo(algo)
-    for name, v, lo in (("steps", steps, 0), ("G", G, 1), ("n_prompts", n_prompts, 1), ("eval_every", eval_every, 1)):
+    spec = check_hyper(algo, steps, G, lr, min_steps=0)
+    for name, v, lo in (("n_prompts", n_prompts, 1), ("eval_every", eval_every, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise TPGError(f"{name} must be an int ≥ {lo}, got {v!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise TPGError(f"learning rate must be a positive number, got {lr!r}")
-    if spec.advantage in ("grpo", "rloo", "drgrpo") and G < 2:
-        raise TPGError(f"{algo} compares responses within a group: use G ≥ 2 (got G={G})")
     if (ref is None) != (kl is None):
         raise TPGError("pass both ref= (a reference policy) and kl= (a KL or a coefficient β), or neither")
     kl = KL(float(kl)) if isinstance(kl, (int, float)) else kl
@@ -276,11 +289,12 @@ def demo_mdp(seed: int = 0) -> TokenMDP:
 def run_cli(args) -> int:
     """``tpg train``: pretrain a reference on the synthetic language, RL fine-tune from it with a
     small KL (β = 0.001, verl's default) to it, print J before/after, write the JSON log."""
-    algo = get_algo(args.algo).name                                  # validate before any work
-    if args.steps < 1 or args.G < 1:
-        raise TPGError(f"--steps and --G must be ≥ 1 (got {args.steps}, {args.G})")
     kind = args.policy
     lr = DEFAULT_LR[kind] if args.lr is None else args.lr
+    algo = check_hyper(args.algo, args.steps, args.G, lr, min_steps=1).name   # validate before any work
+    if isinstance(args.seed, bool) or not isinstance(args.seed, int) or args.seed < 0:
+        raise TPGError(f"--seed must be an int ≥ 0, got {args.seed!r}")
+    check_output_path(args.json)
     mdp = demo_mdp(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     ref = make_policy(kind, mdp, seed=args.seed)

@@ -11,8 +11,9 @@
   and far below the smallest bias of any FALSE claim (≥ 1e-3 on the default MDPs). If δ ever
   exceeds RTOL/100 the verdict is "inconclusive" rather than a guess.
 
-Verdicts: "unbiased" (‖E ĝ − ∇J‖ ≤ RTOL‖∇J‖); "scaled" (E ĝ = c∇J with c ≠ 1: the residual after
-the best scale c = ⟨E ĝ, ∇J⟩/‖∇J‖² is ≤ RTOL‖∇J‖); "biased" otherwise.
+Verdicts: "unbiased" (‖E ĝ − ∇J‖ ≤ RTOL‖∇J‖); "scaled" (E ĝ = c∇J with c > 0, c ≠ 1: the
+residual after the best scale c = ⟨E ĝ, ∇J⟩/‖∇J‖² is ≤ RTOL‖∇J‖); "biased" otherwise — including
+an expected update that is zero or points against ∇J (c ≤ 0), which no learning rate can fix.
 
 ``mc_check`` is the designed Monte Carlo counterpart (DESIGN §4) for jobs too big to enumerate and
 for the sampler path itself: z-tests on fixed projections of ĝ with a total false-fail rate α
@@ -80,9 +81,9 @@ def verdict_of(mean: torch.Tensor, grad: torch.Tensor, roundoff: float = 0.0, rt
         return "inconclusive", rel, c, resid, cos
     if rel <= rtol:
         return "unbiased", rel, c, resid, cos
-    if resid <= rtol:
+    if resid <= rtol and c > rtol:          # parallel AND pointing the right way
         return "scaled", rel, c, resid, cos
-    return "biased", rel, c, resid, cos
+    return "biased", rel, c, resid, cos     # incl. a zero or reversed expected update (c ≤ 0)
 
 
 def roundoff_floor(mdp: TokenMDP, policy, grad: torch.Tensor | None = None) -> float:

@@ -15,7 +15,10 @@ paper's theorems are statements about that average; every verl mode is available
 """
 from __future__ import annotations
 
+import inspect
+import math
 from dataclasses import dataclass, field, replace
+from numbers import Real
 from typing import Callable
 
 import torch
@@ -25,6 +28,40 @@ from tpg.rollouts import Rollouts
 
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_KINDS = ("k1", "k2", "k3")
+
+
+# ------------------------------------------------------------------------------ option checks
+def is_real(x) -> bool:
+    """A finite real number that is not a bool."""
+    return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_gamma(gamma) -> float:
+    """A discount factor must lie in (0, 1] (γ = 1: undiscounted, the LLM setting)."""
+    if not (is_real(gamma) and 0.0 < gamma <= 1.0):
+        raise TPGError(f"discount gamma must be a number in (0, 1], got {gamma!r}")
+    return float(gamma)
+
+
+def _check_clip(name: str, x, optional: bool) -> None:
+    if optional and x is None:
+        return
+    if not (is_real(x) and 0.0 < x < 1.0):
+        raise TPGError(f"{name} must be a number in (0, 1) (the ratio is clipped to [1 − clip, 1 + clip]; "
+                       f"verl's default is 0.2){' or None' if optional else ''}, got {x!r}")
+
+
+def _check_options(spec: "AdvantageSpec", options: dict) -> None:
+    """Misspelled or unknown advantage options fail here, naming the function's valid options
+    (its parameters after the rollouts)."""
+    sig = inspect.signature(spec.fn)
+    try:
+        sig.bind_partial(None, **options)
+    except TypeError as e:
+        valid = [p.name for p in list(sig.parameters.values())[1:]
+                 if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        raise TPGError(f"estimator {spec.name!r} got invalid options {sorted(options)} ({e}); "
+                       f"its options are {valid or 'none'}") from e
 
 
 # ------------------------------------------------------------------------------ segment statistics
@@ -55,7 +92,9 @@ def group_stats(x: torch.Tensor, group: torch.Tensor, ddof: int = 1) -> tuple[to
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, batch: torch.Tensor, n_batches: int,
                   shift_mean: bool = True) -> torch.Tensor:
     """verl ``masked_whiten`` per independent batch: (x − mean)·rsqrt(var + 1e-8), Bessel variance
-    over the batch's response tokens. x, mask (B, L)."""
+    over the batch's response tokens. x, mask (B, L). A batch with a single response token has no
+    Bessel variance: verl raises there, tpg whitens it to 0 (variance taken as 0), so the exact
+    engine can enumerate one-token batches."""
     n = segment_sum(mask.sum(1), batch, n_batches)                            # (n_batches,) tokens
     mean = segment_sum((x * mask).sum(1), batch, n_batches) / n
     dev = (x - mean[batch][:, None]) * mask
@@ -203,6 +242,13 @@ class Estimator:
             raise TPGError(f"unknown policy loss {self.loss!r}; choose one of {sorted(POLICY_LOSSES)}")
         if self.agg not in AGG_MODES:
             raise TPGError(f"unknown aggregation mode {self.agg!r}; choose one of {AGG_MODES}")
+        _check_clip("clip", self.clip, optional=False)
+        _check_clip("clip_high", self.clip_high, optional=True)
+        if self.dual_clip is not None and not (isinstance(self.dual_clip, Real) and not isinstance(self.dual_clip, bool)
+                                               and self.dual_clip > 1.0):
+            raise TPGError(f"dual clip constant c (dual_clip) must be None or a number > 1 (verl uses 3), "
+                           f"got {self.dual_clip!r}")
+        _check_options(ADVANTAGES[self.advantage], self.options)
         if not self.name:
             object.__setattr__(self, "name", self.advantage)
 
@@ -221,9 +267,11 @@ class Estimator:
         if ro.logp is None:
             raise TPGError("the rollouts carry no log-probs: call ro.score(policy) first")
         if self.kl is not None and self.kl.where == "reward":
-            kl_tok = kl_penalty(ro.logp_old, ro.extras["ref_logp"], self.kl.kind) * ro.mask   # (B, L)
-            ro = replace(ro, token_rewards=ro.token_rewards - self.kl.coef * kl_tok,
-                         rm=ro.rm - self.kl.coef * kl_tok.sum(1))
+            # verl apply_kl_penalty: −β·kl_t on every token; outcome estimators see the summed score
+            # RM − β Σ_t kl_t, per-token ones (ReMax, REINFORCE++) read extras["kl_reward"].
+            kl_tok = self.kl.coef * kl_penalty(ro.logp_old, ro.extras["ref_logp"], self.kl.kind) * ro.mask  # (B, L)
+            ro = replace(ro, token_rewards=ro.token_rewards - kl_tok, rm=ro.rm - kl_tok.sum(1),
+                         extras={**ro.extras, "kl_reward": kl_tok})
         with torch.no_grad():
             adv = ADVANTAGES[self.advantage].fn(ro, **self.options).to(ro.logp.dtype) * ro.mask  # (B, L)
         if not torch.isfinite(adv).all():

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from tpg.estimators.core import masked_whiten, register_advantage
+from tpg.estimators.core import check_gamma, is_real, masked_whiten, register_advantage
+from tpg.mdp import TPGError
 from tpg.rollouts import Rollouts
 
 
@@ -38,6 +39,9 @@ def gae(ro: Rollouts, gamma: float = 1.0, lam: float = 1.0, whiten: bool = False
     ``discount_weight=True`` multiplies by γ^(t-1) (Lemma 1), which practical PPO drops (F1).
     Unbiased with an exact critic for any λ when γ = 1, and for any critic when λ = 1 (PAPER §3.2).
     """
+    gamma = check_gamma(gamma)
+    if not (is_real(lam) and 0.0 <= lam <= 1.0):
+        raise TPGError(f"GAE lam (λ) must be a number in [0, 1] (0: one-step TD, 1: Monte Carlo return), got {lam!r}")
     a = gae_advantages(ro.token_rewards * ro.mask, ro.extras["values"], ro.mask, gamma, lam)
     if discount_weight:
         a = a * gamma ** torch.arange(a.shape[1], dtype=a.dtype)[None, :]

@@ -139,8 +139,18 @@ def trepo(ro: Rollouts, variant: str = "all", K: int = 1, anchors: dict | None =
     return chunk / (t_b - t_prev).clamp(min=1).to(v.dtype) * ro.mask           # value_interp
 
 
+def _check_vineppo_options(K, step, max_steps) -> None:
+    _check_K(K)
+    if isinstance(step, bool) or not isinstance(step, Integral) or step < 1:
+        raise TPGError(f"VinePPO step size must be an int ≥ 1 (tokens per step), got {step!r}")
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, Integral)
+                                  or max_steps < 0):
+        raise TPGError(f"max_steps must be None or an int ≥ 0 (0: a value for the first step only), got {max_steps!r}")
+
+
 def _vineppo_needs(opts: dict) -> dict:
-    return {"continuations": _check_K(opts.get("K", 9))}
+    _check_vineppo_options(opts.get("K", 9), opts.get("step", 2), opts.get("max_steps"))
+    return {"continuations": int(opts.get("K", 9))}
 
 
 @register_advantage("vineppo", needs=_vineppo_needs, multilinear=lambda opts: not opts.get("whiten", True))
@@ -165,11 +175,7 @@ def vineppo(ro: Rollouts, K: int = 9, step: int = 2, max_steps: int | None = Non
     Whitening adds a batch-mean shift and a random 1/std scale and is not linear in the rollouts,
     so the exact engine refuses whitened VinePPO (multilinear = not whiten): use Monte Carlo.
     """
-    _check_K(K)
-    if isinstance(step, bool) or not isinstance(step, Integral) or step < 1:
-        raise TPGError(f"VinePPO step size must be an int ≥ 1 (tokens per step), got {step!r}")
-    if max_steps is not None and (not isinstance(max_steps, Integral) or max_steps < 0):
-        raise TPGError(f"max_steps must be None or an int ≥ 0, got {max_steps!r}")
+    _check_vineppo_options(K, step, max_steps)
     v, _ = mc_values(ro, K)                                                    # (B, L+1)
     B, L = ro.tokens.shape
     T = ro.lengths[:, None]                                                    # (B, 1)

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from tpg.estimators.core import group_stats, masked_whiten, register_advantage
+from tpg.estimators.core import check_gamma, group_stats, is_real, masked_whiten, register_advantage
 from tpg.mdp import TPGError
 from tpg.rollouts import Rollouts
 
@@ -46,6 +46,7 @@ def reinforce_oracle(ro: Rollouts, gamma: float = 1.0, discount_weight: bool = T
 
     ``discount_weight=False`` drops γ^(t-1): the common practical form, biased for γ < 1 (F1).
     """
+    gamma = check_gamma(gamma)
     G = rewards_to_go(ro.token_rewards * ro.mask, gamma)
     return G * (discounts(ro, gamma) if discount_weight else 1.0) * ro.mask
 
@@ -67,6 +68,10 @@ def grpo(ro: Rollouts, std: bool = True, eps: float = 1e-6, ddof: int = 1) -> to
     ε = 1e-6; TRL uses ε = 1e-4). ``std=False`` is the Dr. GRPO advantage R_i − mean_g R. The mean
     includes sample i, so mean-only GRPO has E[ĝ] = (1 − 1/G)∇J (PAPER §3.2). A group with equal
     rewards has std 0 and advantage exactly 0."""
+    if not (is_real(eps) and eps >= 0):
+        raise TPGError(f"grpo eps (added to the group std) must be a number ≥ 0, got {eps!r}")
+    if isinstance(ddof, bool) or ddof not in (0, 1):
+        raise TPGError(f"grpo ddof must be 0 (population std) or 1 (Bessel, verl), got {ddof!r}")
     mean, sd, _ = group_stats(ro.rm, ro.group, ddof)
     a = ro.rm - mean
     return _tile(a / (sd + eps) if std else a, ro)
@@ -81,18 +86,22 @@ def rloo(ro: Rollouts) -> torch.Tensor:
     return _tile(a, ro)
 
 
+def _outcome_token_rewards(ro: Rollouts) -> torch.Tensor:
+    """(B, L) verl's token_level_rewards: the task RM on the last token, minus β·kl_t on every token
+    when a KL-in-reward term is on (``extras["kl_reward"]``; ``ro.rm`` then already has Σ_t subtracted)."""
+    kl = ro.extras.get("kl_reward")
+    task_rm = ro.rm if kl is None else ro.rm + kl.sum(1)                             # (B,)
+    r = torch.zeros_like(ro.mask)
+    r[torch.arange(ro.batch_size), (ro.lengths - 1).clamp(min=0)] = task_rm
+    return (r if kl is None else r - kl) * ro.mask
+
+
 @register_advantage("remax", needs={"greedy": True})
 def remax(ro: Rollouts) -> torch.Tensor:
-    """A_t = RM(y) − RM(ŷ_greedy) (verl ``compute_remax_outcome_advantage``; the reward-to-go of an
-    outcome reward is RM at every token). Unbiased: ŷ is deterministic given θ (F11: RM(ŷ) ≠ U(x))."""
-    return _tile(ro.rm - ro.extras["greedy_rm"], ro)
-
-
-def _outcome_token_rewards(ro: Rollouts) -> torch.Tensor:
-    """(B, L) RM on the last token (verl's placement) — what REINFORCE++ discounts."""
-    r = torch.zeros_like(ro.mask)
-    r[torch.arange(ro.batch_size), (ro.lengths - 1).clamp(min=0)] = ro.rm
-    return r * ro.mask
+    """A_t = Σ_{k≥t} r_k − RM(ŷ_greedy) (verl ``compute_remax_outcome_advantage``): the reward-to-go
+    of the outcome reward, i.e. RM(y) on every token when no KL is in the reward. Unbiased: ŷ is
+    deterministic given θ (F11: RM(ŷ) ≠ U(x))."""
+    return (rewards_to_go(_outcome_token_rewards(ro), 1.0) - ro.extras["greedy_rm"][:, None]) * ro.mask
 
 
 @register_advantage("reinforce_pp")
@@ -100,7 +109,7 @@ def reinforce_pp(ro: Rollouts, gamma: float = 1.0) -> torch.Tensor:
     """REINFORCE++: G_t = discounted reward-to-go of the outcome reward, whitened over the batch's
     tokens (verl ``compute_reinforce_plus_plus_outcome_advantage``). Batch mean includes the sample
     and 1/std is random: biased in scale (ESTIMATORS.md §2.6)."""
-    G = rewards_to_go(_outcome_token_rewards(ro), gamma)
+    G = rewards_to_go(_outcome_token_rewards(ro), check_gamma(gamma))
     return masked_whiten(G, ro.mask, ro.batch, ro.n_batches)
 
 
