@@ -15,7 +15,6 @@ import json
 import math
 
 import pytest
-import torch
 from hypothesis import assume, given, strategies as st
 
 from strategies import mdps, policies
@@ -24,14 +23,6 @@ from tpg.claims import CLAIMS, EXPECTED, MARGIN, RTOL, Claim, Exact, binary_mdp,
 from tpg.cli import main
 from tpg.policies import make_policy
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: torch's thread hand-offs cost more than they save (as in ``tpg verify``)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def informative(mdp) -> bool:

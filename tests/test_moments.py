@@ -24,13 +24,6 @@ from tpg.policies import LogLinear, TabularSoftmax, make_policy
 from tpg.rollouts import enumerate_responses
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def small():

@@ -31,13 +31,6 @@ from tpg.policies import LogLinear, TabularSoftmax, make_policy
 from tpg.verify import RTOL, default_directions, mc_check, report, roundoff_floor, verdict_of
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ====================================================================================== verdicts
 def test_verdict_thresholds():
