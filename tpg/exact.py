@@ -82,13 +82,23 @@ def gradient(mdp: TokenMDP, policy, enum: Rollouts | None = None) -> torch.Tenso
     return flat(torch.autograd.grad(objective(mdp, policy, enum), params, allow_unused=True), params)
 
 
-def expected_score(policy, enum: Rollouts, W: torch.Tensor) -> torch.Tensor:
-    """∇_θ Σ_{n,t} W[n,t] log π(y_{n,t}|s_{n,t}): flat vector. W (N, L) is detached weights."""
+def expected_score(policy, enum: Rollouts, W: torch.Tensor, lp: torch.Tensor | None = None) -> torch.Tensor:
+    """∇_θ Σ_{n,t} W[n,t] log π(y_{n,t}|s_{n,t}): flat vector. W (N, L) is detached weights.
+    ``lp``: the policy's (N, L) token log-probs with their autograd graph, if already computed."""
     params = _params(policy)
-    lp = policy.token_log_probs(enum.prompt_idx, enum.tokens)                 # (N, L)
+    if lp is None:
+        lp = policy.token_log_probs(enum.prompt_idx, enum.tokens)             # (N, L)
     Wm = (W.detach().to(torch.float64) * enum.mask).reshape(-1)               # (N·L,) zero after the end
     total = torch.dot(Wm, lp.reshape(-1).to(torch.float64))                   # Σ W·ℓ without an (N, L) product
     return flat(torch.autograd.grad(total, params, allow_unused=True), params)
+
+
+@dataclass
+class ResponseProbs:
+    """The part of ``Tables`` that batch enumeration needs: every response and its P(x, y)."""
+    mdp: TokenMDP
+    enum: Rollouts
+    prob: torch.Tensor
 
 
 @dataclass
@@ -396,15 +406,25 @@ def moments(est, mdp: TokenMDP, policy, G: int = 1, *, n_prompts: int = 1, route
     from tpg.draws import ExactDraws
     from tpg.estimators.core import coefficients
     behaviour = policy if old_policy is None else old_policy
-    tab = tables(mdp, behaviour)
-    enum = tab.enum
+    needs = dict(getattr(est, "needs", {}) or {})
+    check_compatible(mdp, policy)
+    enum = enumerate_responses(mdp, budget)
+    # One forward pass of θ with its graph: its values are the batches' log-probs, and the final
+    # backward of Σ W·ℓ reuses it (so E[ĝ] costs about one forward + backward of the policy).
+    lp_graph = policy.token_log_probs(enum.prompt_idx, enum.tokens)                    # (N, L)
+    logp_new = (lp_graph.detach() * enum.mask).to(torch.float64)
+    if old_policy is None:
+        logp_old = logp_new
+    else:
+        check_compatible(mdp, old_policy)
+        with torch.no_grad():
+            logp_old = (old_policy.token_log_probs(enum.prompt_idx, enum.tokens) * enum.mask).to(torch.float64)
+    # Full tables (U for the continuation returns) only when the estimator reads continuations.
+    tab = tables(mdp, behaviour, enum) if needs.get("continuations") else \
+        ResponseProbs(mdp, enum, prompt_weights(mdp, enum) * logp_old.sum(1).exp())
     ids, probs = batch_outcomes(tab, G, n_prompts, route, budget)
     n_out, width = ids.shape
-    needs = dict(getattr(est, "needs", {}) or {})
     draws = ExactDraws(tab, policy, critic=critic, ref=ref)
-    with torch.no_grad():
-        logp_new = (policy.token_log_probs(enum.prompt_idx, enum.tokens) * enum.mask).to(torch.float64)
-        logp_old = (behaviour.token_log_probs(enum.prompt_idx, enum.tokens) * enum.mask).to(torch.float64)
     N, L = enum.tokens.shape
     W = torch.zeros(N, L, dtype=torch.float64)
     want_cov = cov is not None and not needs.get("continuations")
@@ -441,7 +461,7 @@ def moments(est, mdp: TokenMDP, policy, G: int = 1, *, n_prompts: int = 1, route
             if cov == "full":
                 m2 = (g_b * p_b[:, None]).T @ g_b
                 second = m2 if second is None else second + m2
-    mean = expected_score(policy, enum, W)
+    mean = expected_score(policy, enum, W, lp_graph)
     out = Moments(mean, W, n_out)
     if needs.get("continuations"):
         notes.append("continuation returns substituted by their exact expectation (exact for the mean only)")
