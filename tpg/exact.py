@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from tpg.mdp import TokenMDP, TPGError
-from tpg.policies import TabularSoftmax
 from tpg.rollouts import Rollouts, check_budget, enumerate_responses
 
 
@@ -54,26 +53,11 @@ def objective(mdp: TokenMDP, policy, enum: Rollouts | None = None) -> torch.Tens
 
 
 def _response_log_prob(mdp: TokenMDP, policy, enum: Rollouts) -> torch.Tensor:
-    """(N,) log π(y|x) = Σ_t log π(y_t|s_t) with autograd to θ.
-
-    Without EOS every response has length H: the mask is all ones and its pass is skipped. For the
-    tabular softmax, positions after the end point at a spare 0 appended to the flattened
-    log-softmax table, so one gather and one sum replace gather, mask product and sum (and the
-    backward has no mask product either).
-    """
-    fixed_length = mdp.eos is None and enum.tokens.shape[1] == mdp.horizon
-    if _is_plain_tabular(policy):
-        flat = _pair_index(mdp, enum, fixed_length)                              # (N, L) into (S·V + 1,)
-        logits = policy.logits
-        table = torch.cat([torch.log_softmax(logits, -1).reshape(-1), logits.new_zeros(1)])   # (S·V + 1,)
-        return table.index_select(0, flat.view(-1)).view(flat.shape).sum(1)
+    """(N,) log π(y|x) = Σ_t log π(y_t|s_t) with autograd to θ (without EOS every response has
+    length H, so the mask pass is skipped)."""
     lp = policy.token_log_probs(enum.prompt_idx, enum.tokens)                  # (N, L)
+    fixed_length = mdp.eos is None and enum.tokens.shape[1] == mdp.horizon
     return lp.sum(1) if fixed_length else (lp * enum.mask).sum(1)
-
-
-def _is_plain_tabular(policy) -> bool:
-    """A TabularSoftmax whose rows are its logits (a subclass may redefine log_probs)."""
-    return isinstance(policy, TabularSoftmax) and type(policy).log_probs is TabularSoftmax.log_probs
 
 
 def gradient(mdp: TokenMDP, policy, enum: Rollouts | None = None) -> torch.Tensor:
@@ -146,25 +130,9 @@ class Tables:
 
 
 def state_log_probs(mdp: TokenMDP, policy) -> torch.Tensor:
-    """(S, V) log π(·|s) for every prefix state, with autograd to θ.
-
-    Any policy: one batched ``log_probs`` call per level, on the prefixes of that level's states.
-    The tabular softmax's rows are its logits, so there it is one log-softmax of the table.
-    """
-    if _is_plain_tabular(policy):
-        return torch.log_softmax(policy.logits, -1)                                    # (S, V)
-    st = mdp.state_table()
-    A = mdp.arity
-    level, code, prompt = (torch.as_tensor(st[k]) for k in ("level", "code", "prompt"))
-    parts, order = [], []
-    for lvl in range(mdp.horizon):
-        idx = torch.nonzero(level == lvl)[:, 0]
-        digits = (code[idx, None] // A ** torch.arange(lvl - 1, -1, -1)) % A        # (n, lvl), MSB first
-        toks = digits + (digits >= mdp.eos).long() if mdp.eos is not None else digits
-        toks = torch.cat([toks, torch.zeros(len(idx), 1, dtype=torch.long)], 1)       # (n, lvl+1), last is a dummy
-        parts.append(policy.log_probs(prompt[idx], toks)[:, lvl])                    # (n, V)
-        order.append(idx)
-    return torch.cat(parts)[torch.argsort(torch.cat(order))]                          # (S, V)
+    """(S, V) log π(·|s) for every prefix state of ``mdp``, with autograd to θ (``Policy.state_log_probs``)."""
+    check_compatible(mdp, policy)
+    return policy.state_log_probs()
 
 
 def _pair_index(mdp: TokenMDP, enum: Rollouts, full: bool = False) -> torch.Tensor:

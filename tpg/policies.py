@@ -40,6 +40,26 @@ class Policy(nn.Module):
         """(B, L) log π(y_t | s_t) of the given tokens."""
         return self.log_probs(prompt_idx, tokens).gather(-1, tokens[..., None])[..., 0]
 
+    def state_log_probs(self) -> torch.Tensor:
+        """(S, V) log π(·|s) for every prefix state of ``self.mdp`` (the exact tables' input).
+
+        Any policy: one batched ``log_probs`` call per level, on the prefixes of that level's states
+        (rebuilt from the state index: digits of the state's code, EOS skipped).
+        """
+        mdp = self.mdp
+        st = mdp.state_table()
+        A = mdp.arity
+        level, code, prompt = (torch.as_tensor(st[k]) for k in ("level", "code", "prompt"))
+        parts, order = [], []
+        for lvl in range(mdp.horizon):
+            idx = torch.nonzero(level == lvl)[:, 0]
+            digits = (code[idx, None] // A ** torch.arange(lvl - 1, -1, -1)) % A     # (n, lvl), MSB first
+            toks = digits + (digits >= mdp.eos).long() if mdp.eos is not None else digits
+            toks = torch.cat([toks, torch.zeros(len(idx), 1, dtype=torch.long)], 1)    # (n, lvl+1), last a dummy
+            parts.append(self.log_probs(prompt[idx], toks)[:, lvl])                   # (n, V)
+            order.append(idx)
+        return torch.cat(parts)[torch.argsort(torch.cat(order))]                       # (S, V)
+
     def flat_grad(self, grads=None) -> torch.Tensor:
         """Concatenate the .grad of every parameter (or the given list) into one vector."""
         ps = list(self.parameters())
@@ -102,6 +122,9 @@ class TabularSoftmax(Policy):
         torch.add(tokens, flat, alpha=self.mdp.vocab_size, out=flat)  # (B, L) s·V + y_t
         table = torch.log_softmax(self.logits, -1).reshape(-1)    # (S·V,)
         return table.index_select(0, flat.view(-1)).view(B, L)    # (B, L)
+
+    def state_log_probs(self):
+        return torch.log_softmax(self.logits, -1)                 # (S, V): the rows are the states
 
     def decoder(self, prompt_idx, prefix, prefix_len):
         # Prefixes must be non-terminal (length < H, no EOS); terminal rows are clamped to a valid state.
