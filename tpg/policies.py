@@ -9,8 +9,10 @@ rest of tpg uses, so a tabular softmax, a log-linear model and a GPT-2 are inter
   prefixes; the returned object has ``.log_probs`` (B, V) and ``.advance(tokens)``. The sampler,
   greedy decoding and continuation rollouts only use this.
 
-``token_log_probs`` (B, L) is the sampled-token log-prob every estimator is built on; policies may
-override it to avoid materialising (B, L, V).
+``token_log_probs`` (B, L) is the sampled-token log-prob every estimator is built on, and
+``state_log_probs`` (S, V) the next-token distribution at every prefix state (the exact tables'
+input); both have generic implementations on top of ``log_probs``, which a policy may override
+with a faster form (the tabular softmax does: its rows are the states).
 """
 from __future__ import annotations
 
