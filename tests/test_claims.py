@@ -6,21 +6,26 @@
   claims show a bias above ``MARGIN`` (each example takes milliseconds; only exact checks here).
 - The checkers can fail: a claim registered with the wrong expected verdict disagrees, and the
   independent formulas behind T13's κ are checked against hand-derived closed forms.
+- The independent oracles (``tpg.claims.oracles``) on hand-worked cases; the ``@claim`` registry.
 - The CLI: default run (exit 0, the table, the summary line), --claims, --json, --list, unknown ids
-  (exit 2, one line, no traceback), a disagreement exits 1.
+  (exit 2, one line, no traceback), a disagreement exits 1; ``render_table`` prints the same table.
+Injected bugs that the claims must catch are in tests/test_mutations.py.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 
+import numpy as np
 import pytest
 from hypothesis import assume, given, strategies as st
 
 from strategies import mdps, policies
 from tpg import claims
-from tpg.claims import CLAIMS, EXPECTED, MARGIN, RTOL, Claim, Exact, binary_mdp, grpo_kappa
+from tpg.claims import CLAIMS, EXPECTED, MARGIN, RTOL, Claim, Exact, binary_mdp, claim, grpo_kappa, oracles
 from tpg.cli import main
+from tpg.estimators import estimator
 from tpg.policies import make_policy
 
 
@@ -33,11 +38,15 @@ def informative(mdp) -> bool:
 
 
 # ====================================================================================== registry
+N_CLAIMS = 38
+
+
 def test_registry_covers_paper_section_7():
+    """T1–T18, F1–F11, N1–N2 are PAPER §7 in its order; T19–T22 and M1–M3 check the engine beyond it."""
     ids = list(CLAIMS)
-    assert ids[:18] == [f"T{i}" for i in range(1, 19)]
-    assert ids[18:29] == [f"F{i}" for i in range(1, 12)]
-    assert all(i.startswith("N") for i in ids[29:]) and len(ids) == 31
+    assert ids[:22] == [f"T{i}" for i in range(1, 23)]
+    assert ids[22:33] == [f"F{i}" for i in range(1, 12)]
+    assert ids[33:35] == ["N1", "N2"] and ids[35:] == ["M1", "M2", "M3"] and len(ids) == N_CLAIMS
     for c in CLAIMS.values():
         assert c.expected in EXPECTED, c.id
         assert c.statement and c.equation, c.id
@@ -59,7 +68,7 @@ def test_every_claim_agrees_on_seeded_mdps(cid, kind):
         json.dumps(r.to_dict())                                                 # serialisable
         for ch in r.checks:                                                     # the thresholds are the stated ones
             assert (ch.op, ch.bound) in (("<=", RTOL), (">", MARGIN),
-                                         ("<=", 1.0), ("<=", 0.0)), (cid, ch)
+                                         ("<=", 1.0), (">", 1.0), ("<=", 0.0)), (cid, ch)
 
 
 @pytest.mark.slow
@@ -124,7 +133,7 @@ def test_f4_two_prompt_mdp_has_different_success_rates():
 
 
 # ====================================================================================== hypothesis: TRUE claims
-TRUE_ON_ANY = ["T1", "T3", "T4", "T5", "T6", "T14", "T15", "T16", "T17"]
+TRUE_ON_ANY = ["T1", "T3", "T4", "T5", "T6", "T14", "T15", "T16", "T17", "T20", "T21", "T22"]
 
 
 @pytest.mark.parametrize("cid", TRUE_ON_ANY)
@@ -216,7 +225,7 @@ def test_gae_with_a_wrong_critic_is_biased_on_generated_mdps(data):
 def test_verify_default_run(capsys):
     assert main(["verify"]) == 0
     out = capsys.readouterr().out
-    assert "31 claims: 31 agree, 0 disagree" in out
+    assert f"{N_CLAIMS} claims: {N_CLAIMS} agree, 0 disagree" in out
     for cid in CLAIMS:
         assert f"\n{cid:<4} " in out
     assert "DISAGREE" not in out
@@ -271,3 +280,122 @@ def test_a_crashing_check_is_reported_not_raised(monkeypatch, capsys):
     assert main(["verify", "--claims", "X3"]) == 1
     out = capsys.readouterr().out
     assert "error: RuntimeError" in out and "simulated failure" in out
+
+
+# ====================================================================================== the registry decorator
+def test_claims_are_registered_in_definition_order_with_unique_ids(monkeypatch):
+    """``@claim`` registers next to the check; a second registration of an id, or an unknown expected
+    verdict, is refused."""
+    monkeypatch.setattr(claims.base, "CLAIMS", dict(CLAIMS))
+    with pytest.raises(claims.TPGError, match="twice"):
+        claims.base.claim("T1", "-", "-", "holds")(lambda ex: None)
+    with pytest.raises(claims.TPGError, match="expected verdict"):
+        claim("X9", "-", "-", "maybe")
+    def seeded(seed, kind):
+        return claims.Outcome("holds", "-", 0.0, {})
+    claims.base.claim("X8", "-", "-", "holds", seeded=True)(seeded)
+    c = claims.base.CLAIMS["X8"]
+    assert list(claims.base.CLAIMS)[-1] == "X8" and c.seeded is seeded and c.on is None and c.check(0).agree
+
+
+# ====================================================================================== independent oracles
+def test_gae_closed_form_on_a_hand_worked_response():
+    """T = 2, r = (1, 2), V̂ = (0.5, 0.25), γ = 0.5, λ = 0.5: δ_1 = 1 + 0.5·0.25 − 0.5 = 0.625,
+    δ_2 = 2 + 0 − 0.25 = 1.75; Â_1 = δ_1 + γλ δ_2 = 0.625 + 0.4375 = 1.0625, Â_2 = 1.75."""
+    r = np.array([[1.0, 2.0, 0.0]])
+    v = np.array([[0.5, 0.25, 0.0]])
+    got = oracles.gae_closed_form(r, v, np.array([2]), 0.5, 0.5)
+    assert np.allclose(got, [[1.0625, 1.75, 0.0]], rtol=0, atol=1e-15)
+
+
+def test_interpolation_formula_on_a_hand_worked_response():
+    """T = 4, anchors {1, 4}, v = (0, 1, 3, 6, 10): Â_1 = 1, Â_4 = 4; t = 2: x = 1/3 → 2/3·1 + 1/3·4 = 2;
+    t = 3: x = 2/3 → 1/3 + 8/3 = 3. Chunks (0, 1], (1, 4]: 1, then 9 (and 9/3 = 3 per token)."""
+    v = np.array([[0.0, 1.0, 3.0, 6.0, 10.0]])
+    T = np.array([4])
+    assert np.allclose(oracles.trepo_anchor_formula(v, T, [1], "interp"), [[1, 2, 3, 4]])
+    assert np.allclose(oracles.trepo_anchor_formula(v, T, [1], "chunk"), [[1, 9, 9, 9]])
+    assert np.allclose(oracles.trepo_anchor_formula(v, T, [1], "value_interp"), [[1, 3, 3, 3]])
+
+
+def test_clip_region_truth_table():
+    """Unclipped iff A > 0 and ρ ≤ 1 + ε_h, or A < 0 and 1 − ε_l ≤ ρ (≤ c with the dual clip)."""
+    A = np.array([1.0, 1.0, -1.0, -1.0, -1.0, 0.0])
+    rho = np.array([1.1, 1.3, 0.7, 1.5, 2.5, 1.0])
+    assert oracles.clip_active(A, rho, 0.2).tolist() == [True, False, False, True, True, False]
+    assert oracles.clip_active(A, rho, 0.2, clip_high=0.35).tolist() == [True, True, False, True, True, False]
+    assert oracles.clip_active(A, rho, 0.2, dual_clip=2.0).tolist() == [True, False, False, True, False, False]
+
+
+def test_reach_probabilities_sum_to_one_per_level_and_weight_prompts():
+    ex = claims.setup(3, "tabular", n_prompts=2, prompt_probs=(0.25, 0.75), eos=False)
+    reach = oracles.reach_probabilities(ex.mdp, ex.pol, ex.tab.enum)
+    st_ = ex.mdp.state_table()
+    for x, rho in enumerate((0.25, 0.75)):
+        for lvl in range(ex.mdp.horizon):           # no EOS: every response passes one state per level
+            sel = (st_["prompt"] == x) & (st_["level"] == lvl)
+            assert math.isclose(reach[sel].sum(), rho, rel_tol=1e-12)
+
+
+def test_t19_exercises_every_clip_branch():
+    """Each T19 loss clips tokens with positive probability, and the dual clip caps some (so the
+    check of the clip region can fail)."""
+    r = CLAIMS["T19"].check(0, "tabular")
+    masses = [v["clipped_tokens"] for k, v in r.measured.items() if k != "dual_clip"]
+    assert len(masses) == 3 and min(masses) > 0.01 and r.measured["dual_clip"]["capped_tokens"] > 0.01, r.measured
+
+
+# ====================================================================================== Monte Carlo claims
+def test_mc_claims_pass_n_batches_or_leave_it_to_mc_check(monkeypatch):
+    """``run_mc_check`` passes n_batches when given; with None it defers to an mc_check whose
+    n_batches has a default, and refuses, naming the fix, when mc_check requires one."""
+    from tpg.claims import montecarlo
+    seen = {}
+
+    def designed(est, mdp, policy, G, n_batches=None, generator=None, target=None, **kw):
+        seen.update(n_batches=n_batches, generator=generator)
+        return "report"
+    ex = claims.setup(0, "tabular")
+    monkeypatch.setattr(montecarlo, "mc_check", designed)
+    assert montecarlo.run_mc_check(estimator("reinforce"), ex, 1, ex.grad, 0, None) == "report"
+    assert seen["n_batches"] is None and seen["generator"] is not None
+    montecarlo.run_mc_check(estimator("reinforce"), ex, 1, ex.grad, 0, 123)
+    assert seen["n_batches"] == 123
+
+    def required(est, mdp, policy, G, n_batches, generator, target=None, **kw):
+        return "report"
+    monkeypatch.setattr(montecarlo, "mc_check", required)
+    with pytest.raises(claims.TPGError, match="needs n_batches"):
+        montecarlo.run_mc_check(estimator("reinforce"), ex, 1, ex.grad, 0, None)
+
+
+def test_mc_claim_negative_controls_have_power():
+    """M1 and M3's negative controls fail with an exact bias above their detectable bias."""
+    for cid in ("M1", "M3"):
+        r = CLAIMS[cid].check(1, "tabular")
+        neg = [c for c in r.checks if "negative control" in c.name]
+        assert len(neg) == 2 and all(c.ok for c in neg), (cid, neg)
+
+
+# ====================================================================================== the README table
+def test_render_table_is_the_cli_table(capsys):
+    ids = ["T12", "F3", "M3"]
+    text = claims.render_table("tabular", (0,), ids)
+    assert main(["verify", "--claims", *ids, "--seeds", "1"]) == 0
+    out = capsys.readouterr().out
+    strip = lambda s: [line.rsplit(" (", 1)[0] if line.startswith("3 claims") else line for line in s.splitlines()]  # noqa: E731
+    assert strip(text) == strip(out)
+    assert "3 claims: 3 agree, 0 disagree" in text
+
+
+def test_a_negative_control_is_the_same_batches_against_the_wrong_target():
+    """``Test.control`` (the statistics against the wrong target, from the passing test's report)
+    equals ``mc_check`` run against that target on the same seed and directions."""
+    from tpg.claims import montecarlo
+    ex = claims.setup(2, "tabular")
+    est = estimator("trepo", variant="all", K=1, self_inclusive=True)
+    t = montecarlo.designed("K=1", est, ex, 1, 0.5 * ex.grad, 7, 2000, wrong=ex.grad)
+    direct = montecarlo.run_mc_check(est, ex, 1, ex.grad, 7, 2000, directions=t.u)
+    z, power = t.control()
+    assert math.isclose(z, float(np.max(np.abs(direct.stat)) / direct.threshold), rel_tol=1e-9)
+    assert math.isclose(power, float(np.min(direct.detectable / np.abs(direct.exact_bias))), rel_tol=1e-9)

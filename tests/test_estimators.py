@@ -19,6 +19,7 @@ import torch
 
 from conftest import assert_close, assert_vec_close
 from tpg import KL, TabularSoftmax, TokenMDP, TPGError, estimator, exact, random_mdp, report
+from tpg.batches import multinomial_coef, multisets
 from tpg.draws import MonteCarloDraws, deterministic_anchors, exact_critic
 from tpg.estimators import agg_weights, coefficients, kl_penalty, register_advantage
 from tpg.estimators.core import ADVANTAGES, group_stats, masked_whiten
@@ -588,7 +589,7 @@ def test_continuation_substitution_is_exact_for_trepo(joint_mdp, opts):
     that equals the expectation over every joint continuation outcome."""
     m, p = joint_mdp
     est = estimator("trepo", K=1, **opts)
-    assert est.multilinear
+    assert est.declared("multilinear") is not False        # advantage declared; the PPO loss is probed
     assert_vec_close(exact.moments(est, m, p).mean, joint_continuation_mean(est, m, p), what=str(opts))
 
 
@@ -600,7 +601,7 @@ def test_continuation_substitution_vineppo(joint_mdp, max_steps):
     plain = estimator("vineppo", K=1, step=1, max_steps=max_steps, whiten=False)
     assert_vec_close(exact.moments(plain, m, p).mean, joint_continuation_mean(plain, m, p))
     white = estimator("vineppo", K=1, step=1, max_steps=max_steps)
-    assert not white.multilinear
+    assert white.declared("multilinear") is False
     joint, subst = joint_continuation_mean(white, m, p), joint_continuation_mean(white, m, p, substitute=True)
     assert float((joint - subst).norm()) > 1e-3 * float(joint.norm())
     with pytest.raises(TPGError, match="not multilinear"):
@@ -719,10 +720,10 @@ def test_agg_weights_vs_naive(seed, mode):
 
 @pytest.mark.parametrize("n,k", [(1, 3), (3, 1), (4, 3), (5, 2), (3, 4)])
 def test_multisets_and_multinomial_coef_vs_itertools(n, k):
-    rows = exact.multisets(n, k)
+    rows = multisets(n, k)
     want = list(itertools.combinations_with_replacement(range(n), k))
     assert [tuple(int(v) for v in r) for r in rows] == want
-    coef = exact.multinomial_coef(rows)
+    coef = multinomial_coef(rows)
     for r, c in zip(want, coef):
         assert c == math.factorial(k) / math.prod(math.factorial(m) for m in Counter(r).values())
     assert coef.sum() == n**k                                                  # every ordered k-tuple once
@@ -792,11 +793,11 @@ def test_missing_critic_ref_baseline_and_agg_constant():
     ("chunk", {"kind": "every", "k": 0}, "k ≥ 1"), ("subset", {"kind": "every", "k": 2}, "bernoulli"),
     ("chunk", None, "needs anchors"), ("all", {"kind": "every", "k": 2}, "takes no anchors")])
 def test_bad_anchor_specs(variant, anchors, match):
-    est = estimator("trepo", variant=variant, anchors=anchors)
-    with pytest.raises(TPGError, match=match):
-        est.needs
-    with pytest.raises(TPGError, match=match):
-        est(hand_batch().score(TabularSoftmax(MDP, seed=0)))
+    with pytest.raises(TPGError, match=match):                   # refused when the estimator is built
+        estimator("trepo", variant=variant, anchors=anchors)
+    from tpg.estimators.continuation import trepo
+    with pytest.raises(TPGError, match=match):                   # and by the advantage function itself
+        trepo(hand_batch(), variant=variant, anchors=anchors)
 
 
 @pytest.mark.parametrize("name,opts", [("trepo", {"K": 0}), ("trepo", {"K": 1.5}), ("vineppo", {"K": 0}),
@@ -891,11 +892,9 @@ def test_advantage_option_ranges_are_refused(name, opts, message):
     ("vineppo", dict(max_steps=1.0), r"max_steps must be None or an int ≥ 0 .*got 1.0"),
 ])
 def test_anchor_and_step_options_are_refused(name, opts, message):
-    """The registry's needs function (asked before any extra draw is made) and the advantage
-    function both refuse them."""
-    est = estimator(name, **opts)
+    """Building the estimator (its needs are resolved then, before any extra draw is made) and the
+    advantage function both refuse them."""
     with pytest.raises(TPGError, match=message):
-        est.needs
-    sc = hand_batch().score(TabularSoftmax(MDP, seed=0))
+        estimator(name, **opts)
     with pytest.raises(TPGError, match=message):
-        est(sc)
+        ADVANTAGES[name].fn(hand_batch(), **opts)

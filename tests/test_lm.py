@@ -22,6 +22,8 @@ import torch
 from conftest import assert_close, assert_vec_close, mc_seed
 from tpg import BudgetError, TokenMDP, TPGError, estimator, exact, random_mdp, report
 from tpg import mc
+from tpg import scores as scores_mod
+from tpg.batches import projected_estimates
 from tpg.exact import flat
 from tpg.lm import GPT2Policy
 from tpg.policies import make_policy
@@ -214,15 +216,15 @@ def test_sampler_greedy_and_continuations_run_on_gpt2(ragged):
 
 # ------------------------------------------------------------------------------ projections
 def test_projected_estimates_match_a_backward_pass_per_batch(tiny):
-    """z[b, k] = ⟨u_k, ĝ_b⟩ from one JVP per direction equals ĝ_b from a backward pass on batch b
+    """z[b, k] = ⟨u_k, ĝ_b⟩ from the projected scores equals ĝ_b from a backward pass on batch b
     alone (the naive reference), for several estimators (float64, exact tolerance)."""
     m, p = tiny
     ro = sample(m, p, 3, torch.Generator().manual_seed(1), n_prompts=2, n_batches=4)
-    U = mc.random_directions(p, 3, torch.Generator().manual_seed(2))         # (K, D)
-    scores = mc.directional_scores(p, ro, U, chunk=7)                         # chunks straddle batches
+    U = scores_mod.random_directions(p, 3, torch.Generator().manual_seed(2))  # (K, D)
+    scores = scores_mod.projected_scores(p, ro, U, budget=0, chunk=7)         # double backward, chunks straddle batches
     params = list(p.parameters())
     for est in (estimator("reinforce"), estimator("rloo"), estimator("grpo"), estimator("drgrpo")):
-        z = mc.projected_estimates(est, ro, scores)                           # (n_batches, K)
+        z = projected_estimates(est, ro, scores)                           # (n_batches, K)
         for b in range(ro.n_batches):
             rows = torch.nonzero(ro.batch == b)[:, 0]
             one = ro.select(rows, batch=torch.zeros(len(rows), dtype=torch.long), n_batches=1)
@@ -268,14 +270,14 @@ def mc_run():
                    n_batches=N_PILOT).score(p)
     params = list(p.parameters())
     u0 = -flat(torch.autograd.grad(estimator("rloo")(pilot).loss, params), params).to(torch.float64)
-    U = torch.cat([(u0 / u0.norm())[None], mc.random_directions(p, 2, torch.Generator().manual_seed(seed + 2))])
+    U = torch.cat([(u0 / u0.norm())[None], scores_mod.random_directions(p, 2, torch.Generator().manual_seed(seed + 2))])
     ro = sample(m, p, G_BIG, torch.Generator().manual_seed(seed), n_prompts=PROMPTS_PER_BATCH, n_batches=N_BATCHES)
-    scores = mc.directional_scores(p, ro, U)                                  # (K, B, L)
+    scores = scores_mod.projected_scores(p, ro, U)                            # (B, L, K)
     # GRPO with groups of 2: split every group of 4 into two (i.i.d. responses to the same prompt).
     halves = replace(ro, group=ro.group * 2 + (torch.arange(ro.batch_size) % G_BIG) // 2)
-    z = {"reinforce": mc.projected_estimates(estimator("reinforce"), ro, scores),
-         "rloo": mc.projected_estimates(estimator("rloo"), ro, scores),
-         "grpo2": mc.projected_estimates(estimator("grpo", std=False), halves, scores)}
+    z = {"reinforce": projected_estimates(estimator("reinforce"), ro, scores),
+         "rloo": projected_estimates(estimator("rloo"), ro, scores),
+         "grpo2": projected_estimates(estimator("grpo", std=False), halves, scores)}
     # The negative control's true effect is ½⟨u, ∇J⟩ per direction; lower-bound it (confidence
     # 1 − 1e-6) from the unbiased REINFORCE projections: E z_REINFORCE = ⟨u, ∇J⟩ (Theorem 1).
     effect_lb = 0.5 * mc.abs_mean_lower_bound(z["reinforce"])

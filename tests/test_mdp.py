@@ -113,7 +113,7 @@ def test_response_callable_returning_inf_is_refused():
     (dict(vocab_size=0, eos=False), r"vocab_size must be an int ≥ 1"),
     (dict(n_prompts=0), r"n_prompts must be an int ≥ 1, got 0"),
     (dict(prompt_len=-1), r"prompt_len must be an int ≥ 0, got -1"),
-    (dict(sparsity=1.5), r"sparsity must be in \[0, 1\], got 1.5"),
+    (dict(sparsity=1.5), r"sparsity must be a number in \[0, 1\], got 1.5"),
     (dict(gamma=0.0), r"gamma must be a number in \(0, 1\]"),
     (dict(n_prompts=2, prompt_probs=[0.9, 0.2]), r"prompt_probs must sum to 1"),
 ])
@@ -310,5 +310,60 @@ def test_repr_names_the_size():
 @pytest.mark.parametrize("seed", [-1, 1.5, "3", True, None])
 def test_random_mdp_refuses_a_bad_seed(seed):
     """A negative or non-int seed is a TPGError naming the rule, not numpy's raw ValueError."""
-    with pytest.raises(TPGError, match=f"seed must be an int ≥ 0 .*got {seed!r}"):
+    with pytest.raises(TPGError, match=f"seed must be an int ≥ 0.*got {seed!r}"):
         random_mdp(seed)
+
+
+@given(mdps())
+def test_prefix_tokens_invert_the_state_index(mdp):
+    """prefix_tokens(s) is the response prefix of state s: indexing it back gives s (every state)."""
+    S = mdp.num_states
+    st = mdp.state_table()
+    toks = mdp.prefix_tokens(np.arange(S))                                     # (S, H)
+    level = torch.as_tensor(st["level"])
+    assert bool((toks[torch.arange(mdp.horizon)[None, :] >= level[:, None]] == 0).all())   # 0-padded
+    idx = mdp.state_index(torch.as_tensor(st["prompt"]), torch.cat([toks, torch.zeros(S, 1, dtype=torch.long)], 1))
+    assert torch.equal(idx.gather(1, level[:, None])[:, 0], torch.arange(S))
+    for s in range(0, S, max(1, S // 7)):                                     # against prefix_of, one by one
+        p, prefix = mdp.prefix_of(s)
+        assert tuple(toks[s, : len(prefix)].tolist()) == prefix
+
+
+@given(mdps(rewards=("gaussian", "sparse")))
+def test_zra_table_holds_each_responses_rm_at_its_last_pair(mdp):
+    """zra() builds its table without the enumerator (mdp.py sits below rollouts.py); against the
+    enumeration, read naively one response at a time, every terminal pair holds its response's RM
+    and every other entry is 0."""
+    z = mdp.zra().response_rewards
+    enum = enumerate_responses(mdp)
+    expect = np.zeros_like(z)
+    for i in range(enum.batch_size):
+        T = int(enum.lengths[i])
+        s = int(mdp.state_index(enum.prompt_idx[i: i + 1], enum.tokens[i: i + 1])[0, T - 1])
+        expect[s, int(enum.tokens[i, T - 1])] = float(enum.rm[i])
+    assert_close(z, expect, what="ZRA table vs enumerated RM")
+
+
+def test_callable_reward_values_must_be_real_numbers():
+    """Rewards returned as 0-d tensors or numpy scalars are numbers; bools, strings and vectors are not."""
+    ok = TokenMDP([()], 3, 2, 2, token_rewards=lambda x, p, a: torch.tensor(0.5, dtype=torch.float64))
+    assert_close(enumerate_responses(ok).rm[:1], [0.5])
+    for bad in (lambda x, p, a: True, lambda x, p, a: "0.5", lambda x, p, a: np.ones(2)):
+        with pytest.raises(TPGError, match="the token_rewards callable must return a float"):
+            enumerate_responses(TokenMDP([()], 3, 2, 2, token_rewards=bad))
+
+
+def test_astronomical_mdps_are_refused_without_big_integers():
+    """H = 10^8 has ~10^(4.8·10^7) responses: repr, a reward table and zra() answer at once."""
+    deep = TokenMDP([()], 4, 10**8, eos=3, token_rewards=ZERO)
+    assert "~10^47712125 responses" in repr(deep)
+    with pytest.raises(BudgetError, match=r"needs ~10\^47712125 responses, above the budget"):
+        deep.zra()
+    with pytest.raises(TPGError, match=r"token_rewards has shape \(3, 4\), expected .*more than 10\^18"):
+        TokenMDP([()], 4, 10**8, eos=3, token_rewards=np.zeros((3, 4)))
+
+
+def test_integer_fields_become_python_ints():
+    """numpy ints are accepted and stored as Python ints (A**H must not overflow int64 silently)."""
+    m = make(vocab_size=np.int64(3), horizon=np.int32(2), eos=np.int64(2))
+    assert all(type(v) is int for v in (m.vocab_size, m.horizon, m.eos))

@@ -24,10 +24,11 @@ def small_mdp() -> TokenMDP:
 
 
 @pytest.mark.parametrize("logits,message", [
-    (torch.zeros(5, 3), r"logits have shape \(5, 3\), expected \(num_states, V\) = \(6, 3\)"),
-    (torch.zeros(6, 3, 1), r"logits have shape \(6, 3, 1\), expected"),
-    (torch.full((6, 3), float("nan")), r"logits contain NaN or inf"),
-    (torch.tensor([[0.0, float("inf"), 0.0]] * 6), r"logits contain NaN or inf"),
+    (torch.zeros(5, 3), r"logits has shape \(5, 3\), expected \(num_states, V\) = \(6, 3\)"),
+    (torch.zeros(6, 3, 1), r"logits has shape \(6, 3, 1\), expected"),
+    (torch.full((6, 3), float("nan")), r"logits contains NaN or inf"),
+    (torch.tensor([[0.0, float("inf"), 0.0]] * 6), r"logits contains NaN or inf"),
+    ("abc", r"logits must be a tensor or array of numbers"),
 ])
 def test_tabular_rejects_bad_logits(logits, message):
     """DESIGN §5: the tabular policy validates the shape and finiteness of user logits."""
@@ -153,3 +154,23 @@ def test_tabular_gradient_is_local_and_loglinear_is_not():
     H, V = m.horizon, m.vocab_size
     blocks = torch.split(d, [H * V, (V + 1) * V, len(m.prompts) * V])
     assert all(float(b.abs().max()) > 1e-6 for b in blocks)
+
+
+def test_every_policy_kind_is_registered_by_the_package():
+    """make_policy's kinds come from a registry: "gpt2" is registered by tpg.lm, which the package
+    imports, so tpg.policies never imports the layer above it (tests/test_layering.py)."""
+    from tpg.policies import POLICY_BUILDERS
+    assert tuple(POLICY_BUILDERS) == ("tabular", "loglinear", "gpt2")
+
+
+@pytest.mark.parametrize("kw,error,message", [
+    (dict(seed=-1), TPGError, r"seed must be an int ≥ 0, got -1"),
+    (dict(seed=2**64), TPGError, r"seed must be an int in \[0, 2\*\*63 − 1\]"),
+    (dict(scale=float("inf")), TPGError, r"scale must be a finite number ≥ 0"),
+    (dict(scale=-1.0), TPGError, r"scale must be a finite number ≥ 0"),
+    (dict(dtype=torch.int64), TPGError, r"dtype must be one of"),
+])
+@pytest.mark.parametrize("cls", [TabularSoftmax, LogLinear])
+def test_policy_constructor_arguments_are_validated(cls, kw, error, message):
+    with pytest.raises(error, match=message):
+        cls(small_mdp(), **kw)

@@ -37,7 +37,7 @@ def best_J(mdp) -> float:
 
 
 def test_every_algorithm_is_available():
-    """TRePO and VinePPO come from tpg.estimators.mc: every recipe resolves to a registered estimator."""
+    """TRePO and VinePPO come from tpg.estimators.continuation: every recipe resolves to a registered estimator."""
     assert algo_names() == list(ALGOS)
 
 

@@ -6,6 +6,7 @@ Estimator (estimators) → coefficients → exact moments (exact) → verdict (v
 """
 from tpg.mdp import BudgetError, TokenMDP, TPGError, random_mdp
 from tpg.policies import LogLinear, Policy, TabularSoftmax
+from tpg import lm  # noqa: F401  (registers make_policy's "gpt2" kind; transformers loads only when used)
 from tpg.rollouts import Rollouts, enumerate_responses, sample
 from tpg.estimators import KL, Estimator, EstimatorOutput, estimator, register_advantage
 from tpg import exact

@@ -41,6 +41,11 @@ def _train(args) -> int:
     return run_cli(args)
 
 
+def _figures(args) -> int:
+    from tpg.figures import run_cli
+    return run_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tpg", description="Exact verification of LLM policy-gradient estimators "
                                 "on small token MDPs (PAPER: 'Response-Level Rewards Are All You Need').")
@@ -68,19 +73,79 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", metavar="PATH", help="write the training log as JSON")
     s.set_defaults(fn=_train)
+    s = sub.add_parser("figures", help="regenerate the paper figures (PNG, PDF and their JSON data)")
+    s.add_argument("names", nargs="*", metavar="NAME", help="figure names (default: all; --list shows them)")
+    s.add_argument("--fast", action="store_true", help="reduced sizes, for CI (default out: figures/fast/)")
+    s.add_argument("--jobs", type=int, default=1, help="parallel workers for the sweeps (joblib)")
+    s.add_argument("--backend", default="loky", choices=["loky", "ray"], help="joblib backend (ray: if installed)")
+    s.add_argument("--out", metavar="DIR", help="output folder (default: figures/ at the repository root)")
+    s.add_argument("--replot", action="store_true", help="redraw from the saved JSON data, no recomputation")
+    s.add_argument("--list", action="store_true", help="list the figures and exit")
+    s.set_defaults(fn=_figures)
+    from tpg.zoo import add_parser as _zoo_parser        # `tpg zoo` (tpg/zoo.py owns its options)
+    _zoo_parser(sub)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    import torch
-    # tpg's tensors are small: intra-op threads cost more in hand-offs than they save (3–10× on
-    # 2 cores, benchmarks/bench_sampler.py). TPG_THREADS overrides.
-    torch.set_num_threads(int(os.environ.get("TPG_THREADS", "1")))
-    from tpg.mdp import TPGError
+MAX_SEEDS = 10_000          # --seeds: more random MDPs per claim than any run could finish
+MAX_THREADS = 1024
+
+
+def _threads() -> int:
+    """TPG_THREADS (default 1): tpg's tensors are small, and intra-op threads cost more in hand-offs
+    than they save (3–10× on 2 cores, benchmarks/bench_sampler.py)."""
+    from tpg import validate
+    raw = os.environ.get("TPG_THREADS", "1")
     try:
-        return int(args.fn(args) or 0)
+        n = int(raw)
+    except ValueError:
+        raise validate.TPGError(f"TPG_THREADS must be an int in [1, {MAX_THREADS}], got {raw!r}") from None
+    return validate.integer("TPG_THREADS", n, 1, MAX_THREADS)
+
+
+def _check_args(args) -> None:
+    """What can be refused before any work: seeds (torch and numpy need [0, 2**63); a claim runs
+    seeds seed … seed + seeds − 1) and the output path (a long run must not fail at its end).
+    The subcommands check their other options themselves, also before any work."""
+    from tpg import validate
+    if args.cmd in ("verify", "train"):
+        validate.seed("--seed", args.seed)
+        validate.check_output_path(args.json)
+    if args.cmd == "verify":
+        validate.integer("--seeds", args.seeds, 1, MAX_SEEDS)
+        validate.integer("--seed + --seeds − 1 (the last seed)", args.seed + args.seeds - 1, 0, validate.SEED_MAX)
+
+
+def _quiet_stdout() -> None:
+    """The reader of our stdout went away (``tpg verify --list | head -1``): send what is still
+    buffered to /dev/null, so the interpreter's final flush cannot raise BrokenPipeError again
+    (the recipe of the Python docs, "Note on SIGPIPE")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):     # stdout replaced by an object without a file
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. Exit status: 0 ok, 1 a claim disagrees, 2 bad input (one line on stderr),
+    3 a bug in tpg, 130 interrupted, 141 stdout closed early (as for a process killed by SIGPIPE).
+    TPG_DEBUG=1 re-raises instead, with the traceback."""
+    args = build_parser().parse_args(argv)
+    from tpg.validate import TPGError
+    try:
+        import torch
+        torch.set_num_threads(_threads())
+        _check_args(args)
+        status = int(args.fn(args) or 0)
+        sys.stdout.flush()                            # a closed pipe surfaces here, not at exit
+        return status
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141
     except TPGError as e:
+        if os.environ.get("TPG_DEBUG"):
+            raise
         print(f"tpg {args.cmd}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

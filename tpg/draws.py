@@ -15,10 +15,12 @@ Critics and reference policies are deterministic functions of the prefix, identi
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from numbers import Integral
 
 import torch
 
+from tpg import validate
 from tpg.mdp import TokenMDP, TPGError
 from tpg.rollouts import Rollouts, continuation_rm, greedy
 
@@ -53,16 +55,16 @@ def _check_anchor_spec(spec: dict) -> dict:
     if not isinstance(spec, dict) or spec.get("kind") not in ANCHOR_KINDS:
         raise TPGError(f"anchors must be a dict with kind in {ANCHOR_KINDS}, e.g. {{'kind': 'bernoulli', 'q': 0.5}}; "
                        f"got {spec!r}")
-    if spec["kind"] == "bernoulli" and not 0.0 < float(spec.get("q", -1)) <= 1.0:
-        raise TPGError(f"bernoulli anchors need 0 < q ≤ 1, got {spec.get('q')!r}")
+    q = spec.get("q")
+    if spec["kind"] == "bernoulli" and not (validate.is_real(q) and validate.in_interval(q, 0.0, 1.0, "(]")):
+        raise TPGError(f"bernoulli anchors need 0 < q ≤ 1, got {q!r}")
     if spec["kind"] == "fixed":
         pos = spec.get("positions")
-        if not isinstance(pos, (list, tuple)) or not all(
-                isinstance(t, Integral) and not isinstance(t, bool) and t >= 1 for t in pos):
+        if not isinstance(pos, (list, tuple)) or not all(validate.is_int(t) and t >= 1 for t in pos):
             raise TPGError(f"'fixed' anchors need positions = a list of ints ≥ 1 (token positions, 1-based), "
                            f"e.g. {{'kind': 'fixed', 'positions': [1, 3]}}; got {pos!r}")
-    if spec["kind"] == "every" and not int(spec.get("k", 0)) >= 1:
-        raise TPGError(f"'every' anchors need k ≥ 1, got {spec.get('k')!r}")
+    if spec["kind"] == "every" and not (validate.is_int(spec.get("k")) and spec["k"] >= 1):
+        raise TPGError(f"'every' anchors need k ≥ 1 (an int), got {spec.get('k')!r}")
     return spec
 
 
@@ -95,7 +97,11 @@ class _Base:
         if needs.get("values"):
             if self.critic is None:
                 raise TPGError("this estimator needs a critic: pass critic= (e.g. tpg.draws.exact_critic(tables))")
-            ex["values"] = torch.as_tensor(self.critic(ro), dtype=torch.float64).detach()
+            v = torch.as_tensor(self.critic(ro), dtype=torch.float64).detach()
+            if tuple(v.shape) != tuple(ro.tokens.shape) or not torch.isfinite(v).all():
+                raise TPGError(f"the critic must return finite values of shape (B, L) = {tuple(ro.tokens.shape)} "
+                               f"(V̂ of the state before each token), got shape {tuple(v.shape)}")
+            ex["values"] = v * ro.mask
         if needs.get("ref"):
             if self.ref is None:
                 raise TPGError("this estimator uses a KL term: pass ref= (a reference policy)")
@@ -105,14 +111,14 @@ class _Base:
 
 
 class MonteCarloDraws(_Base):
-    """Sampled extra draws, from an explicit ``torch.Generator``."""
+    """Sampled extra draws, from an explicit ``torch.Generator`` (every batch keeps factor 1)."""
 
     def __init__(self, mdp, policy, generator: torch.Generator, critic=None, ref=None):
         super().__init__(mdp, policy, critic, ref)
         self.generator = generator
 
     def fill(self, ro: Rollouts, needs: dict) -> tuple[Rollouts, torch.Tensor]:
-        from dataclasses import replace
+        """(ro with the requested extras, factor (n_batches,) of ones)."""
         ex = self._common(ro, needs)
         if needs.get("continuations"):
             with torch.no_grad():
@@ -124,49 +130,47 @@ class MonteCarloDraws(_Base):
             if a is None:
                 a = torch.rand(B, L, generator=self.generator, dtype=torch.float64) < float(spec["q"])
             ex["anchors"] = a & ro.mask.bool()
-        return replace(ro, extras=ex), torch.ones(ro.batch_size, dtype=torch.float64)
+        return replace(ro, extras=ex), torch.ones(ro.n_batches, dtype=torch.float64)
 
 
 class ExactDraws(_Base):
-    """Exact extra draws from the engine's tables (see module docstring)."""
+    """Exact extra draws from the engine's tables (see module docstring). Substituting U(prefix) for
+    the continuation returns is exact only for estimators multilinear in them: ``tpg.batches.Evaluator``
+    checks that on the estimator before any of its coefficients are used."""
 
     def __init__(self, tab, policy, critic=None, ref=None):
         super().__init__(tab.mdp, policy, critic, ref)
         self.tab = tab
 
-    def fill(self, ro: Rollouts, needs: dict, multilinear: bool = True) -> tuple[Rollouts, torch.Tensor]:
-        from dataclasses import replace
+    def fill(self, ro: Rollouts, needs: dict) -> tuple[Rollouts, torch.Tensor]:
+        """(ro with the requested extras, factor (n_batches,)): 1 per batch, except that a random
+        anchor set turns each batch into one batch per anchor subset, with factor P(subset)."""
         ex = self._common(ro, needs)
-        weight = torch.ones(ro.batch_size, dtype=torch.float64)
         if needs.get("continuations"):
-            if not multilinear:
-                raise TPGError("this estimator is not multilinear in the continuation returns (e.g. whitened "
-                               "VinePPO), so substituting their expectation is not exact: use Monte Carlo")
             K = int(needs["continuations"])
             ex["cont_rm"] = self.tab.prefix_values(ro)[:, :, None].expand(-1, -1, K).clone()  # (B, L+1, K)
-        ro = replace(ro, extras=ex)
+        factor = torch.ones(ro.n_batches, dtype=torch.float64)
         if needs.get("anchors"):
             spec = _check_anchor_spec(needs["anchors"])
             B, L = ro.tokens.shape
             a = deterministic_anchors(spec, B, L)
-            if a is not None:
-                ro.extras["anchors"] = a & ro.mask.bool()
-            else:
-                ro, weight = self._enumerate_anchors(ro, float(spec["q"]), L)
-        return ro, weight
+            if a is None:
+                return self._enumerate_anchors(replace(ro, extras=ex), float(spec["q"]), L)
+            ex["anchors"] = a & ro.mask.bool()
+        return replace(ro, extras=ex), factor
 
     @staticmethod
     def _enumerate_anchors(ro: Rollouts, q: float, L: int) -> tuple[Rollouts, torch.Tensor]:
-        """Every anchor subset of the L positions, one row (and one batch) each, weight P(subset)."""
+        """Every anchor subset of the L positions, one row (and one batch) each, factor P(subset)."""
         if ro.n_batches != ro.batch_size:
             raise TPGError("random anchors are enumerated per response: use G = 1 and one prompt per batch")
         subsets = torch.tensor(list(itertools.product([False, True], repeat=L)), dtype=torch.bool)  # (2^L, L)
         qq = torch.tensor(q, dtype=torch.float64)           # a python-float q would make where() float32
         p = torch.where(subsets, qq, 1.0 - qq).prod(1)                                          # (2^L,)
         n = subsets.shape[0]
-        rows = torch.arange(ro.batch_size).repeat_interleave(n)
-        out = ro.select(rows)
+        rows = torch.arange(ro.batch_size).repeat_interleave(n)                                 # batch-major
         ids = torch.arange(len(rows))
-        out.group, out.batch, out.n_batches = ids, ids, len(rows)
-        out.extras["anchors"] = subsets.repeat(ro.batch_size, 1) & out.mask.bool()
+        out = ro.select(rows)
+        out = replace(out, group=ids, batch=ids, n_batches=len(rows),
+                      extras={**out.extras, "anchors": subsets.repeat(ro.batch_size, 1) & out.mask.bool()})
         return out, p.repeat(ro.batch_size)

@@ -1,10 +1,16 @@
 """The exact engine (float64): J(θ), ∇J(θ) and the value tables of a token MDP under a policy.
 
-Everything is computed by enumerating every response with its probability (PAPER §7 setup):
-- J = Σ_x ρ(x) Σ_y π(y|x) RM(x, y), and ∇J by autograd through that sum, for any policy;
-- per prefix state s: reach probability ρ(s), U(s) = E[RM | s], V(s), Q(s, a), A = Q − V in the
-  MDP's own token-reward decomposition (``tables(mdp.zra(), policy)`` gives the Zero-Reward one);
-- the tabular closed form ∂J/∂θ[s, a] = ρ(s) π(a|s) (U(s⊕a) − U(s)) (PAPER §2).
+Two routes give the same numbers (to float64 round-off; tests/test_dp.py cross-checks them):
+- "dp" (the default for any policy with ``state_log_probs``): sweeps over the state table,
+  never listing responses (tpg/dp.py). U(s) = E[RM | s] backward from the terminal pairs' RM,
+  ρ(s) forward from ρ(x), V/Q in the MDP's own decomposition; ∇J as the closed form
+  ∂J/∂log π(a|s) = ρ(s) π(a|s) (U(s⊕a) − U(s)) (PAPER §2) on the score of the (S, V) log-prob table,
+  one backward pass for any policy. Budgeted in state-table entries S·V (dp.DP_BUDGET).
+- "enumerate": every response with its probability (PAPER §7 setup), J = Σ_x ρ(x) Σ_y π(y|x) RM(x, y)
+  and ∇J by autograd through that sum; budgeted in responses (10^7 by default). Passing an
+  enumeration to ``objective``/``gradient`` takes this route over exactly those responses.
+``tables(mdp.zra(), policy)`` gives the Zero-Reward decomposition's tables. Per-response arrays
+(``Tables.enum``, ``Tables.prob``) are built only when read.
 
 ``expected_score(policy, enum, W)`` is the one primitive every exact expectation reduces to:
 ∇_θ Σ_{n,t} W[n, t] log π(y_{n,t} | s_{n,t}) = E[Σ_t c_t ∇ℓ_t] when W[n, t] = P(y_n) E[c_t | y_n]
@@ -18,8 +24,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tpg.mdp import TokenMDP, TPGError
-from tpg.rollouts import Rollouts, check_budget, enumerate_responses
+from tpg import dp
+from tpg import validate
+from tpg.mdp import DEFAULT_BUDGET, BudgetError, TokenMDP, TPGError
+from tpg.rollouts import Rollouts, check_budget, enumerate_responses, log10_sizes, sized
+from tpg.batches import Evaluator, ExactBatches, KeyedGroups, PropertyError, check_batch_budget
 
 
 def _params(policy) -> list[torch.Tensor]:
@@ -30,13 +39,13 @@ def _params(policy) -> list[torch.Tensor]:
 
 
 def flat(grads, params) -> torch.Tensor:
-    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
+    """One flat vector of per-parameter gradients (None → zeros); a single parameter's is a view."""
+    parts = [(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def check_compatible(mdp: TokenMDP, policy) -> None:
-    pm = policy.mdp
-    if (pm.prompts, pm.vocab_size, pm.horizon, pm.eos) != (mdp.prompts, mdp.vocab_size, mdp.horizon, mdp.eos):
-        raise TPGError("the policy was built for a different MDP structure (prompts, vocab, horizon or EOS differ)")
+    validate.mdp_and_policy(mdp, policy)
 
 
 def prompt_weights(mdp: TokenMDP, enum: Rollouts) -> torch.Tensor:
@@ -44,10 +53,60 @@ def prompt_weights(mdp: TokenMDP, enum: Rollouts) -> torch.Tensor:
     return torch.as_tensor(mdp.prompt_probs)[enum.prompt_idx]
 
 
-def objective(mdp: TokenMDP, policy, enum: Rollouts | None = None) -> torch.Tensor:
-    """J(θ) = Σ_x ρ(x) Σ_y π(y|x) RM(x, y), a scalar with autograd to θ."""
+# ------------------------------------------------------------------------------ route choice
+EXACT_ROUTES = ("auto", "dp", "enumerate")
+
+
+def choose_route(mdp: TokenMDP, policy, route: str = "auto", enum: Rollouts | None = None,
+                 budget: int | None = None) -> str:
+    """"dp" or "enumerate" for this job, refusing (in O(1), before allocating) a job above the budget.
+
+    auto: the enumeration when one is passed (the job is about those responses), else the DP when
+    the policy gives ``state_log_probs`` and the state table fits ``budget`` (entries, default
+    dp.DP_BUDGET), else the enumeration (responses, default 10^7). ``budget`` is read in the unit of
+    the route it is checked for. A refusal by both names both sizes.
+    """
     check_compatible(mdp, policy)
-    enum = enumerate_responses(mdp) if enum is None else enum
+    return _route(mdp, policy, route, enum, budget)
+
+
+def _route(mdp: TokenMDP, policy, route: str, enum: Rollouts | None, budget: int | None) -> str:
+    """choose_route for an MDP and policy already validated together."""
+    if route not in EXACT_ROUTES:
+        raise TPGError(f"route must be one of {EXACT_ROUTES}, got {route!r}")
+    has_table = callable(getattr(policy, "state_log_probs", None))
+    if route == "dp" and enum is not None:
+        raise TPGError("route='dp' does not read an enumeration; drop enum, or pass route='enumerate'")
+    if route == "dp" and not has_table:
+        raise TPGError(f"route='dp' needs policy.state_log_probs() (the (S, V) log π table); "
+                       f"{type(policy).__name__} has none: use route='enumerate'")
+    if route == "dp" or (route == "auto" and enum is None and has_table):
+        try:
+            dp.check_dp_budget(mdp, budget)
+            return "dp"
+        except BudgetError as refused:
+            if route == "dp":
+                raise
+            try:
+                check_budget(budget=budget, what=f"{mdp!r}", **sized(log10_sizes(mdp)[1], lambda: mdp.num_responses))
+            except BudgetError as e:
+                raise BudgetError(f"{e} (The dynamic-programming route was refused too: {refused})") from None
+    return "enumerate"
+
+
+# ------------------------------------------------------------------------------ J and ∇J
+def objective(mdp: TokenMDP, policy, enum: Rollouts | None = None, *, route: str = "auto",
+              budget: int | None = None) -> torch.Tensor:
+    """J(θ) = Σ_x ρ(x) Σ_y π(y|x) RM(x, y), a scalar with autograd to θ (any order).
+
+    With ``enum``: the sum over those responses only."""
+    if choose_route(mdp, policy, route, enum, budget) == "dp":
+        return dp.objective(mdp, policy)
+    return _enumerated_objective(mdp, policy, enumerate_responses(mdp, budget) if enum is None else enum)
+
+
+def _enumerated_objective(mdp: TokenMDP, policy, enum: Rollouts) -> torch.Tensor:
+    """Σ_n ρ(x_n) π(y_n|x_n) RM(x_n, y_n) over the given responses, with autograd to θ."""
     logp = _response_log_prob(mdp, policy, enum).to(torch.float64)                # (N,) log π(y|x)
     return torch.dot(prompt_weights(mdp, enum) * enum.rm, logp.exp())
 
@@ -60,10 +119,19 @@ def _response_log_prob(mdp: TokenMDP, policy, enum: Rollouts) -> torch.Tensor:
     return lp.sum(1) if fixed_length else (lp * enum.mask).sum(1)
 
 
-def gradient(mdp: TokenMDP, policy, enum: Rollouts | None = None) -> torch.Tensor:
-    """∇J(θ) as one flat vector over ``policy.parameters()`` (autograd through the enumeration)."""
+def gradient(mdp: TokenMDP, policy, enum: Rollouts | None = None, *, route: str = "auto",
+             budget: int | None = None) -> torch.Tensor:
+    """∇J(θ) as one flat vector over ``policy.parameters()``.
+
+    dp: ∇_θ Σ_{s,a} sg[ρ(s) π(a|s) (U(s⊕a) − U(s))] log π_θ(a|s), one backward pass through the
+    policy's (S, V) log-prob table (for the tabular softmax: exactly the closed form).
+    enumerate: autograd through Σ_y P(y) RM(y) (over ``enum`` when given)."""
+    validate.mdp_and_policy(mdp, policy)
     params = _params(policy)
-    return flat(torch.autograd.grad(objective(mdp, policy, enum), params, allow_unused=True), params)
+    if _route(mdp, policy, route, enum, budget) == "dp":                      # validated above
+        return flat(dp.gradient(mdp, policy, params), params)
+    J = _enumerated_objective(mdp, policy, enumerate_responses(mdp, budget) if enum is None else enum)
+    return flat(torch.autograd.grad(J, params, allow_unused=True), params)
 
 
 def expected_score(policy, enum: Rollouts, W: torch.Tensor, lp: torch.Tensor | None = None) -> torch.Tensor:
@@ -77,6 +145,7 @@ def expected_score(policy, enum: Rollouts, W: torch.Tensor, lp: torch.Tensor | N
     return flat(torch.autograd.grad(total, params, allow_unused=True), params)
 
 
+# ------------------------------------------------------------------------------ tables
 @dataclass
 class ResponseProbs:
     """The part of ``Tables`` that batch enumeration needs: every response and its P(x, y)."""
@@ -85,17 +154,18 @@ class ResponseProbs:
     prob: torch.Tensor
 
 
-@dataclass
+@dataclass(eq=False)
 class Tables:
     """Exact per-state tables of an MDP under a policy (index = TokenMDP state index).
 
     pi (S, V) next-token probabilities; r (S, V) token rewards of this decomposition; U (S,)
     E[RM | s]; Uc (S, V) U(s⊕a) (RM of the response for terminal pairs); V (S,), Q (S, V),
-    A (S, V) = Q − V; visit (S,) reach probability ρ(s) (prompt probability included); prob (N,)
-    P(x, y) = ρ(x) π(y|x) of every enumerated response; J_prompt (P,).
+    A (S, V) = Q − V; visit (S,) reach probability ρ(s) (prompt probability included); J_prompt (P,).
+    Per response, built on first access (so a DP over 10^8 responses never holds them): enum,
+    every response (``enumerate_responses``, refused above ``budget`` responses), and prob (N,)
+    P(x, y) = ρ(x) π(y|x).
     """
     mdp: TokenMDP
-    enum: Rollouts
     pi: torch.Tensor
     r: torch.Tensor
     U: torch.Tensor
@@ -104,9 +174,27 @@ class Tables:
     Q: torch.Tensor
     A: torch.Tensor
     visit: torch.Tensor
-    prob: torch.Tensor
     J: float
     J_prompt: torch.Tensor
+    route: str = "dp"
+    log_pi: torch.Tensor | None = None          # (S, V): prob is built from it, as the enumeration route did
+    budget: int | None = None                   # responses, for the lazy enumeration
+    _enum: Rollouts | None = None
+    _prob: torch.Tensor | None = None
+
+    @property
+    def enum(self) -> Rollouts:
+        """Every response of the MDP (built on first access)."""
+        if self._enum is None:
+            self._enum = enumerate_responses(self.mdp, self.budget)
+        return self._enum
+
+    @property
+    def prob(self) -> torch.Tensor:
+        """(N,) P(x, y) = ρ(x) π(y|x) of every response of ``enum`` (built on first access)."""
+        if self._prob is None:
+            self._prob = _response_probs(self.mdp, self.enum, self.log_pi)
+        return self._prob
 
     def closed_form(self) -> torch.Tensor:
         """(S, V) ∂J/∂θ[s, a] = ρ(s) π(a|s) (U(s⊕a) − U(s)) for the tabular softmax (PAPER §2)."""
@@ -151,122 +239,61 @@ def _per_pair(flat: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tens
     return out[:size]
 
 
-def tables(mdp: TokenMDP, policy, enum: Rollouts | None = None) -> Tables:
+def _response_probs(mdp: TokenMDP, enum: Rollouts, log_pi: torch.Tensor, flat: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """(N,) P(x, y) = ρ(x) exp Σ_t log π(y_t|s_t) from the (S, V) log-prob table (a spare 0 after the end)."""
+    flat = _pair_index(mdp, enum) if flat is None else flat                          # (N, L)
+    logp = torch.cat([log_pi.reshape(-1), log_pi.new_zeros(1)])[flat].sum(1)         # (N,)
+    return prompt_weights(mdp, enum) * logp.exp()
+
+
+def _enumerated_rewards(mdp: TokenMDP, enum: Rollouts, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r, RM at terminal pairs), both (S, V), read off an enumeration (the reference for dp.pair_rewards)."""
+    S, V = mdp.num_states, mdp.vocab_size
+    r = _per_pair(flat, enum.token_rewards, S * V).view(S, V)                       # this decomposition's r(s, a)
+    last = flat.gather(1, (enum.lengths - 1).clamp(min=0)[:, None])                 # (N, 1) the pair (s_T, y_T)
+    return r, _per_pair(last, enum.rm[:, None], S * V).view(S, V)
+
+
+def tables(mdp: TokenMDP, policy, enum: Rollouts | None = None, *, route: str = "auto",
+           budget: int | None = None) -> Tables:
     """All exact tables (detached, float64) of ``mdp`` under ``policy``.
 
-    Rewards per (state, token) are read off the enumeration; U, V, Q then follow by one backward
-    sweep over the levels of the tree and ρ(s) by one forward sweep. Within a prompt's block the
-    non-EOS children of level t's states are level t+1's states in order (mdp.py's index), so each
-    sweep step is a reshape of a contiguous slice: O(S·V) work, no gathers.
+    dp: r(s, a) and the terminal pairs' RM come from the MDP (dp.pair_rewards); a passed ``enum``
+    is kept as ``.enum`` (and ``.prob`` is built from it on access). enumerate: both are read off
+    the enumeration. Either way U, V, Q then follow by backward sweeps over the levels of the tree
+    and ρ(s) by one forward sweep (tpg/dp.py), O(S·V) work.
     """
-    check_compatible(mdp, policy)
-    enum = enumerate_responses(mdp) if enum is None else enum
-    S, V, H, g = mdp.num_states, mdp.vocab_size, mdp.horizon, mdp.gamma
-    P, Sp, A, eos = len(mdp.prompts), mdp.states_per_prompt, mdp.arity, mdp.eos
-    start = mdp.level_start()
+    chosen = choose_route(mdp, policy, route, None, budget)                          # a passed enum is kept either way
+    S, V, P = mdp.num_states, mdp.vocab_size, len(mdp.prompts)
     with torch.no_grad():
         log_pi = state_log_probs(mdp, policy).detach().to(torch.float64)             # (S, V)
         pi = log_pi.exp()
-        flat = _pair_index(mdp, enum)                                                # (N, L)
-        r = _per_pair(flat, enum.token_rewards, S * V).view(S, V)                   # this decomposition's r(s, a)
-        last = flat.gather(1, (enum.lengths - 1).clamp(min=0)[:, None])             # (N, 1) the pair (s_T, y_T)
-        rm_term = _per_pair(last, enum.rm[:, None], S * V).view(S, V)               # RM at terminal pairs
-        # Per-prompt views (P, Sp, V); `kids` picks the non-EOS token columns in digit order.
-        pi3, r3, rm3 = pi.view(P, Sp, V), r.view(P, Sp, V), rm_term.view(P, Sp, V)
-        kids = slice(0, A) if eos is None or eos == V - 1 else torch.tensor([a for a in range(V) if a != eos])
-        U, Vt = torch.zeros(P, Sp, dtype=torch.float64), torch.zeros(P, Sp, dtype=torch.float64)
-        Q, Uc = rm3.new_empty(P, Sp, V), rm3.new_empty(P, Sp, V)
-        for t in reversed(range(H)):                                                 # backward over the tree
-            lv = slice(int(start[t]), int(start[t + 1]))                             # level t: A^t states
-            Q[:, lv], Uc[:, lv] = r3[:, lv], rm3[:, lv]                              # terminal pairs
-            if t < H - 1:                                                            # non-EOS children are states
-                nxt = slice(int(start[t + 1]), int(start[t + 2]))
-                q, uc = Q[:, lv], Uc[:, lv]                                          # (P, A^t, V) views
-                q[..., kids] = r3[:, lv][..., kids] + g * Vt[:, nxt].reshape(P, -1, A)
-                uc[..., kids] = U[:, nxt].reshape(P, -1, A)
-            Vt[:, lv] = (pi3[:, lv] * Q[:, lv]).sum(-1)
-            U[:, lv] = (pi3[:, lv] * Uc[:, lv]).sum(-1)
-        visit = torch.zeros(P, Sp, dtype=torch.float64)
-        visit[:, 0] = torch.as_tensor(mdp.prompt_probs)                              # roots: ρ(x)
-        for t in range(H - 1):                                                       # forward over the tree
-            lv, nxt = slice(int(start[t]), int(start[t + 1])), slice(int(start[t + 1]), int(start[t + 2]))
-            visit[:, nxt] = (visit[:, lv, None] * pi3[:, lv][..., kids]).reshape(P, -1)
-        # log π(y|x) from the same per-state table (a spare 0 entry after the end).
-        logp = torch.cat([log_pi.reshape(-1), log_pi.new_zeros(1)])[flat].sum(1)     # (N,)
-        cond = logp.exp()                                                            # π(y|x)
-        prob = prompt_weights(mdp, enum) * cond
-        J_prompt = torch.zeros(P, dtype=torch.float64).index_add(0, enum.prompt_idx, cond * enum.rm)
-        Q, Uc, U, Vt, visit = Q.view(S, V), Uc.view(S, V), U.view(S), Vt.view(S), visit.view(S)
-    return Tables(mdp, enum, pi, r, U, Uc, Vt, Q, Q - Vt[:, None], visit, prob, float((prob * enum.rm).sum()),
-                  J_prompt)
+        prob = None
+        if chosen == "dp":
+            r, rm = dp.pair_rewards(mdp)                                             # (S, V) each
+        else:
+            enum = enumerate_responses(mdp, budget) if enum is None else enum
+            flat = _pair_index(mdp, enum)                                            # (N, L)
+            r, rm = _enumerated_rewards(mdp, enum, flat)
+            prob = _response_probs(mdp, enum, log_pi, flat)
+        U = dp.backward_values(mdp, pi, rm, 1.0, terminal_only=True)                # (S,) E[RM | s]
+        Uc = dp.child_values(mdp, U, rm, 1.0, inplace=True)                          # (S, V) U(s⊕a)
+        Vt = dp.backward_values(mdp, pi, r, mdp.gamma)                               # (S,)
+        Q = dp.child_values(mdp, Vt, r, mdp.gamma)                                   # (S, V) r may be the MDP's own table
+        visit = dp.reach(mdp, pi)                                                    # (S,)
+        if prob is None:
+            J_prompt = U[torch.arange(P) * mdp.states_per_prompt].clone()            # (P,) U(root_x)
+            J = float(torch.dot(torch.as_tensor(mdp.prompt_probs), J_prompt))
+        else:
+            cond = prob / prompt_weights(mdp, enum)                                  # π(y|x)
+            J_prompt = torch.zeros(P, dtype=torch.float64).index_add(0, enum.prompt_idx, cond * enum.rm)
+            J = float((prob * enum.rm).sum())
+    return Tables(mdp, pi, r, U, Uc, Vt, Q, Q - Vt[:, None], visit, J, J_prompt, route=chosen, log_pi=log_pi,
+                  budget=budget if chosen == "enumerate" else None, _enum=enum, _prob=prob)
 
 
 # ====================================================================================== moments
-def multisets(n: int, k: int) -> np.ndarray:
-    """All non-decreasing k-tuples over range(n): (C(n+k-1, k), k), vectorised."""
-    rows = np.arange(n)[:, None]
-    for _ in range(k - 1):
-        last = rows[:, -1]
-        reps = n - last                                                  # each row extends with last..n-1
-        rep_rows = np.repeat(rows, reps, axis=0)
-        starts = np.repeat(last - np.cumsum(np.concatenate([[0], reps[:-1]])), reps)
-        ext = np.arange(len(rep_rows)) + starts                         # = last_i + offset within block
-        rows = np.concatenate([rep_rows, ext[:, None]], 1)
-    return rows
-
-
-def multinomial_coef(rows: np.ndarray) -> np.ndarray:
-    """G!/∏ m_j! for sorted rows (the number of orderings of each multiset)."""
-    G = rows.shape[1]
-    k = np.ones(len(rows))
-    run = np.ones(len(rows))
-    for i in range(1, G):
-        run = np.where(rows[:, i] == rows[:, i - 1], run + 1, 1)
-        k *= run
-    return math.factorial(G) / k
-
-
-def batch_outcomes(tab: Tables, G: int, n_prompts: int = 1, route: str = "multiset", budget: int | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every possible batch of ``n_prompts`` prompt draws (i.i.d. from ρ) × G responses each.
-
-    route="multiset": each group is an unordered multiset of responses with its multinomial
-    probability (estimators are symmetric within a group); route="joint": ordered G-tuples (the
-    cross-check). Returns response ids (n_out, n_prompts·G) and probabilities (n_out,).
-    """
-    if not isinstance(G, int) or G < 1:
-        raise TPGError(f"group size G must be an int ≥ 1, got {G!r}")
-    if isinstance(n_prompts, bool) or not isinstance(n_prompts, int) or n_prompts < 1:
-        raise TPGError(f"n_prompts (prompt draws per batch) must be an int ≥ 1, got {n_prompts!r}")
-    if route not in ("multiset", "joint"):
-        raise TPGError(f"route must be 'multiset' or 'joint', got {route!r}")
-    mdp, enum = tab.mdp, tab.enum
-    rho = torch.as_tensor(mdp.prompt_probs)
-    sizes = torch.bincount(enum.prompt_idx, minlength=len(mdp.prompts)).tolist()
-    n_groups = sum(math.comb(n + G - 1, G) if route == "multiset" else n**G for n in sizes)
-    check_budget(n_groups**n_prompts * n_prompts * G, budget, f"{n_prompts} prompt(s) × G={G} batches ({route})",
-                 "response slots")
-    cond = (tab.prob / rho[enum.prompt_idx]).numpy()                     # π(y|x)
-    ids, probs, off = [], [], 0
-    for x, n in enumerate(sizes):
-        if route == "multiset":
-            local = multisets(n, G)
-            coef = multinomial_coef(local)
-        else:
-            local = np.stack(np.meshgrid(*[np.arange(n)] * G, indexing="ij"), -1).reshape(-1, G)
-            coef = np.ones(len(local))
-        ids.append(local + off)
-        probs.append(float(rho[x]) * coef * cond[local + off].prod(1))
-        off += n
-    ids, probs = torch.as_tensor(np.concatenate(ids)), torch.as_tensor(np.concatenate(probs))
-    keep = probs > 0
-    ids, probs = ids[keep], probs[keep]
-    if n_prompts > 1:                                                   # ordered slots, independent draws
-        grid = torch.cartesian_prod(*[torch.arange(len(ids))] * n_prompts).reshape(-1, n_prompts)
-        return ids[grid].reshape(len(grid), -1), probs[grid].prod(1)
-    return ids, probs
-
-
 @dataclass
 class Moments:
     """Exact first (and second) moments of an estimator ĝ over every possible batch."""
@@ -276,106 +303,54 @@ class Moments:
     cov_trace: float | None = None    # E‖ĝ − E ĝ‖²
     cov: torch.Tensor | None = None   # (D, D) where requested and small
     notes: tuple = ()
+    route: str = "multiset"           # how the batches were enumerated ("multiset" | "joint")
+    skew: torch.Tensor | None = None  # (K,) exact skewness of each projection ⟨u_k, ĝ⟩ (with ``directions``)
+    exkurt: torch.Tensor | None = None  # (K,) its exact excess kurtosis
 
 
-def token_scores(policy, enum: Rollouts, budget: int = 50_000_000, chunk: int = 2048) -> torch.Tensor:
-    """(N, L, D) per-token score vectors ∇_θ log π(y_t|s_t) (zero after the end): batched backward
-    passes (vmap over one-hot output directions), ``chunk`` outputs at a time so the one-hot block
-    (chunk, N·L) stays small. Refused before allocating when N·L·D exceeds ``budget``."""
-    ps = _params(policy)
-    D = sum(p.numel() for p in ps)
-    check_budget(enum.tokens.numel() * D, budget, f"per-token score Jacobian ({enum.tokens.numel()} tokens × {D} params)",
-                 "entries")
-    lp = (policy.token_log_probs(enum.prompt_idx, enum.tokens) * enum.mask).reshape(-1)   # (N·L,)
-    n = lp.numel()
-    chunk = max(1, min(chunk, 4_194_304 // max(n, 1)))                                     # one-hot block ≤ 32 MiB
-    out = torch.zeros(n, D, dtype=torch.float64)                                            # (N·L, D)
-    for lo in range(0, n, chunk):
-        hi = min(n, lo + chunk)
-        onehot = torch.zeros(hi - lo, n, dtype=lp.dtype)
-        onehot[torch.arange(hi - lo), torch.arange(lo, hi)] = 1.0                           # (b, N·L)
-        grads = torch.autograd.grad(lp, ps, grad_outputs=onehot, is_grads_batched=True, allow_unused=True,
-                                    retain_graph=hi < n)
-        out[lo:hi] = torch.cat([(torch.zeros(hi - lo, p.numel(), dtype=lp.dtype) if g is None
-                                 else g.reshape(hi - lo, -1)) for g, p in zip(grads, ps)], 1)
-    return out.reshape(*enum.tokens.shape, D)
+ROUTES = ("auto", "keyed", "multiset", "joint")
 
 
-def directional_scores(policy, ro: Rollouts, directions: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """(B, L, K) ⟨u_k, ∇_θ log π(y_t|s_t)⟩ without forming the (tokens, D) Jacobian: double backward.
-
-    g(v) = ∇_θ Σ v·ℓ is linear in the weights v (B, L), so ∂⟨g(v), u_k⟩/∂v = J u_k: one backward
-    with a graph, then one per direction, ``chunk`` rows at a time. Plain reverse mode works for every
-    policy, including the tabular one whose state index is computed in numpy (``torch.func``'s
-    forward mode cannot trace through numpy).
-    """
-    ps = _params(policy)
-    sizes = [p.numel() for p in ps]
-    u = torch.as_tensor(directions, dtype=torch.float64)
-    B, L = ro.tokens.shape
-    out = torch.zeros(B, L, u.shape[0], dtype=torch.float64)
-    for lo in range(0, B, chunk):
-        sl = slice(lo, min(B, lo + chunk))
-        lp = policy.token_log_probs(ro.prompt_idx[sl], ro.tokens[sl]) * ro.mask[sl]         # (b, L)
-        v = torch.zeros_like(lp, requires_grad=True)
-        gs = torch.autograd.grad(lp, ps, grad_outputs=v, create_graph=True, allow_unused=True)
-        for k, uk in enumerate(u):
-            parts = torch.split(uk, sizes)
-            dot = sum((g * part.reshape(p.shape).to(g.dtype)).sum() for g, part, p in zip(gs, parts, ps)
-                      if g is not None)
-            if torch.is_tensor(dot) and dot.requires_grad:
-                out[sl, :, k] = torch.autograd.grad(dot, v, retain_graph=k + 1 < len(u))[0].to(torch.float64)
-    return out * ro.mask[:, :, None]
-
-
-def projected_scores(policy, ro: Rollouts, directions: torch.Tensor, budget: int = 50_000_000) -> torch.Tensor:
-    """(B, L, K) ⟨u_k, ∇_θ log π(y_t|s_t)⟩ for every row of ``ro`` and direction u_k (K, D).
-
-    Distinct (prompt, response) rows are scored once (a sampled batch from a small MDP repeats a
-    few responses many times). Up to ``budget`` token × parameter entries the per-token scores are
-    formed (``token_scores``) and projected; above it ``directional_scores`` avoids the Jacobian.
-    """
-    u = torch.as_tensor(directions, dtype=torch.float64)
-    D = sum(p.numel() for p in _params(policy))
-    if u.dim() != 2 or u.shape[1] != D:
-        raise TPGError(f"directions must have shape (K, D) with D = {D} parameters, got {tuple(u.shape)}")
-    key = torch.cat([ro.prompt_idx[:, None], ro.tokens * ro.mask.long()], 1)              # (B, 1 + L)
-    uniq, inv = torch.unique(key, dim=0, return_inverse=True)
-    first = torch.zeros(len(uniq), dtype=torch.long).scatter_(0, inv, torch.arange(len(inv)))
-    sub = ro.select(first)                                                                 # one row per response
-    if sub.tokens.numel() * D <= budget:
-        s = token_scores(policy, sub, budget) @ u.T                                        # (U, L, K)
-    else:
-        s = directional_scores(policy, sub, u)                                             # (U, L, K)
-    return s[inv]
-
-
-def moments(est, mdp: TokenMDP, policy, G: int = 1, *, n_prompts: int = 1, route: str = "multiset",
+def moments(est, mdp: TokenMDP, policy, G: int = 1, *, n_prompts: int = 1, route: str = "auto",
             old_policy=None, critic=None, ref=None, cov: str | None = None, budget: int | None = None,
             chunk_rows: int = 200_000, directions: torch.Tensor | None = None) -> Moments:
-    """Exact E[ĝ] (and Cov[ĝ] on request: cov="trace" or "full") of an estimator.
+    """Exact E[ĝ] (and Cov[ĝ] on request: cov="trace" or "full") of an estimator:
+
+        E[ĝ] = Σ_batches P(batch) ĝ(batch),   ĝ(batch) = Σ_{i,t} c[i,t] ∇ℓ_{i,t}.
 
     ``est`` is any callable ``est(rollouts) -> EstimatorOutput | loss`` (an ``Estimator`` or a user
-    function); its optional ``needs``/``multilinear`` attributes say which extra draws it reads.
-    Batches are drawn from ``old_policy`` (default: ``policy``) and scored under ``policy``, so
-    θ ≠ θ_old (PPO after an update) is covered. By linearity (DESIGN §2) the estimator is evaluated
-    once per distinct batch, its coefficients c = −∂loss/∂logp are averaged per response into W, and
-    E[ĝ] = ∇_θ Σ W·ℓ is one backward pass through the enumeration.
+    function); its optional ``needs`` attribute requests extra draws. Batches come from
+    ``tpg.batches.ExactBatches`` (drawn from ``old_policy``, default ``policy``, and scored under
+    ``policy``, so θ ≠ θ_old is covered); ``tpg.batches.Evaluator`` gives each batch's coefficients
+    with the engine's shortcuts checked on this estimator (batch-locality, exchangeability for the
+    multiset route — else the joint route runs —, multilinearity when continuation returns are
+    replaced by U). By linearity the per-response sums W[n, t] = Σ P(batch) c (DESIGN §2) give
+    E[ĝ] = ∇_θ Σ W·ℓ in one backward pass through the enumeration.
 
-    Second moments need each batch's ĝ = Σ c ∇ℓ, from the per-token scores (N, L, D). With
-    ``directions`` (K, D) only the projections ⟨u_k, ĝ⟩ are formed (``projected_scores``), and
-    ``cov``/``cov_trace`` are those of the K projections: the
-    exact variances a designed Monte Carlo test needs (``tpg.verify.mc_check``) for any D.
-    Estimators that read continuation returns get no covariance (their substitution by U is exact
-    for the mean only); a note says so.
+    Second moments need each batch's ĝ, from the per-token scores (N, L, D); with ``directions``
+    (K, D) only the projections ⟨u_k, ĝ⟩ are formed (``tpg.scores.projected_scores``), so the exact
+    variances a designed Monte Carlo test needs are available for any D. Estimators that read
+    continuation returns get no covariance (the substitution is exact for the mean only).
     """
+    from tpg.draws import ExactDraws
+    from tpg.estimators.core import check_needs
+    from tpg.scores import projected_scores, token_scores
     if cov not in (None, "trace", "full"):
         raise TPGError(f"cov must be None, 'trace' or 'full', got {cov!r}")
-    from tpg.draws import ExactDraws
-    from tpg.estimators.core import coefficients
+    if route not in ROUTES:
+        raise TPGError(f"route must be one of {ROUTES}, got {route!r}")
+    if not callable(est):
+        raise TPGError(f"est must be an estimator (tpg.estimator(...)) or a callable est(rollouts) -> loss, got {est!r}")
     behaviour = policy if old_policy is None else old_policy
-    needs = dict(getattr(est, "needs", {}) or {})
+    needs = check_needs(dict(getattr(est, "needs", {}) or {}), f"estimator {getattr(est, 'name', est)!r}")
     check_compatible(mdp, policy)
+    keyed_ok = G > 1 and n_prompts == 1 and not needs.get("continuations") and not needs.get("anchors") \
+        and directions is None and cov != "full"
+    if route == "keyed" and not keyed_ok:
+        raise TPGError("route='keyed' needs G ≥ 2, one prompt draw per batch, no continuations or random anchors, "
+                       "and cov None or 'trace' without directions")
+    if route in ("multiset", "joint") or not keyed_ok:                        # before anything is enumerated
+        check_batch_budget(mdp, G, n_prompts, "joint" if route == "joint" else "multiset", budget)
     enum = enumerate_responses(mdp, budget)
     # One forward pass of θ with its graph: its values are the batches' log-probs, and the final
     # backward of Σ W·ℓ reuses it (so E[ĝ] costs about one forward + backward of the policy).
@@ -390,55 +365,152 @@ def moments(est, mdp: TokenMDP, policy, G: int = 1, *, n_prompts: int = 1, route
     # Full tables (U for the continuation returns) only when the estimator reads continuations.
     tab = tables(mdp, behaviour, enum) if needs.get("continuations") else \
         ResponseProbs(mdp, enum, prompt_weights(mdp, enum) * logp_old.sum(1).exp())
-    ids, probs = batch_outcomes(tab, G, n_prompts, route, budget)
-    n_out, width = ids.shape
     draws = ExactDraws(tab, policy, critic=critic, ref=ref)
-    N, L = enum.tokens.shape
-    W = torch.zeros(N, L, dtype=torch.float64)
     want_cov = cov is not None and not needs.get("continuations")
     scores = None
-    if want_cov and directions is not None:
-        u = torch.as_tensor(directions, dtype=torch.float64)
-        scores = projected_scores(policy, enum, u)                                   # (N, L, K)
-    elif want_cov:
-        scores = token_scores(policy, enum)                                          # (N, L, D)
-    sq, notes = 0.0, []
-    second = None
-    per_chunk = max(1, chunk_rows // width)
-    for lo in range(0, n_out, per_chunk):
-        sub_ids, sub_p = ids[lo: lo + per_chunk], probs[lo: lo + per_chunk]
-        b = len(sub_ids)
-        rows = sub_ids.reshape(-1)                                                   # (b·width,)
-        slot = torch.arange(width) // G
-        ro = enum.select(rows)
-        ro.group = (torch.arange(b)[:, None] * n_prompts + slot[None, :]).reshape(-1)
-        ro.batch = torch.arange(b).repeat_interleave(width)
-        ro.n_batches = b
-        ro.logp, ro.logp_old, ro.response_id = logp_new[rows], logp_old[rows], rows
-        ro.extras = {"_row_prob": sub_p.repeat_interleave(width)}
-        ro, w = draws.fill(ro, needs, multilinear=bool(getattr(est, "multilinear", True)))
-        c = coefficients(est, ro)                                                    # (rows, L)
-        pw = ro.extras["_row_prob"] * w                                              # (rows,)
-        W.index_add_(0, ro.response_id, pw[:, None] * c)
-        if want_cov:
-            g = torch.einsum("rl,rld->rd", c, scores[ro.response_id])                # (rows, D or K)
-            g_b = torch.zeros(ro.n_batches, g.shape[1], dtype=g.dtype).index_add(0, ro.batch, g)
-            p_b = torch.zeros(ro.n_batches, dtype=g.dtype).index_add(0, ro.batch, pw) / \
-                torch.zeros(ro.n_batches, dtype=g.dtype).index_add(0, ro.batch, torch.ones_like(pw))
-            sq += float((p_b * (g_b**2).sum(1)).sum())
-            if cov == "full":
-                m2 = (g_b * p_b[:, None]).T @ g_b
-                second = m2 if second is None else second + m2
+    if want_cov:
+        scores = token_scores(policy, enum) if directions is None else projected_scores(policy, enum, directions)
+    ev = Evaluator(est, exchangeable_needed=route != "joint" and G > 1,
+                   multilinear_needed=bool(needs.get("continuations")))
+    if route in ("auto", "keyed") and keyed_ok:
+        done = _keyed(ev, tab, logp_new, logp_old, draws, needs, G, scores, cov, budget, chunk_rows,
+                      force=route == "keyed")
+        if done is not None:
+            W, sq, n_out, knotes = done
+            mean = expected_score(policy, enum, W, lp_graph)
+            out = Moments(mean, W, n_out, route="keyed", notes=tuple(ev.notes + knotes))
+            if cov is not None:
+                out.cov_trace = sq - float(mean @ mean)
+            return out
+        check_batch_budget(mdp, G, n_prompts, "multiset", budget)
+    route = "multiset" if route in ("auto", "keyed") else route
+    if route == "multiset" and G > 1 and ev.state["exchangeable"] is False:
+        route = "joint"
+    while True:
+        try:
+            source = ExactBatches(tab, logp_new, logp_old, draws, needs, G, n_prompts, route, budget, chunk_rows)
+            W, sq, second, raw = _accumulate(source, ev, enum, scores, cov, route)
+            break
+        except _Reroute:
+            route = "joint"
+            ev.notes.append("group members are not exchangeable for this estimator: batches enumerated as "
+                            "ordered tuples (route='joint')")
+        except BudgetError as e:
+            if route == "joint" and ev.state["exchangeable"] is False:
+                raise PropertyError(f"the estimator treats group members differently (not exchangeable), so the "
+                                    f"multiset route does not apply, and the ordered-tuple route is too big: {e}") from e
+            raise
     mean = expected_score(policy, enum, W, lp_graph)
-    out = Moments(mean, W, n_out)
+    notes = list(ev.notes)
+    out = Moments(mean, W, source.n_outcomes, route=route)
     if needs.get("continuations"):
         notes.append("continuation returns substituted by their exact expectation (exact for the mean only)")
         if cov is not None:
             notes.append("no covariance: it would need the continuations' own randomness (use Monte Carlo)")
     if want_cov:
-        m = mean if directions is None else u @ mean                                # (D,) or (K,)
+        m = mean if directions is None else torch.as_tensor(directions, dtype=torch.float64) @ mean   # (D,) or (K,)
         out.cov_trace = sq - float(m @ m)
         if cov == "full":
             out.cov = second - torch.outer(m, m)
+        if directions is not None:                                  # central moments from the raw ones
+            e2, e3, e4 = raw
+            var = (e2 - m**2).clamp(min=0)
+            mu3 = e3 - 3 * m * e2 + 2 * m**3
+            mu4 = e4 - 4 * m * e3 + 6 * m**2 * e2 - 3 * m**4
+            ok = var > 1e-300
+            out.skew = torch.where(ok, mu3 / var.clamp(min=1e-300) ** 1.5, torch.zeros_like(m))
+            out.exkurt = torch.where(ok, mu4 / var.clamp(min=1e-300) ** 2 - 3, torch.zeros_like(m))
     out.notes = tuple(notes)
     return out
+
+
+def _keyed(ev, tab, logp_new, logp_old, draws, needs, G, scores, cov, budget, chunk_rows, force):
+    """The keyed route (``tpg.batches.KeyedGroups``), or None when it does not apply to this
+    estimator (key not sufficient, not exchangeable) or is not smaller than the multiset route —
+    the caller then takes the multiset route. Returns (W, E‖ĝ‖², n_groups, notes)."""
+    from math import comb
+    budget = DEFAULT_BUDGET if budget is None else budget
+    n_resp = [int(len(pr)) for pr in [torch.nonzero(tab.enum.prompt_idx == x)[:, 0] for x in range(len(tab.mdp.prompts))]]
+    for others in KeyedGroups.KEYS:
+        kg = KeyedGroups(tab, logp_new, logp_old, draws, needs, G, others)
+        size = kg.n_rows() + (kg.n_rows(pairs=True) if cov is not None else 0.0)
+        multiset_size = sum(comb(n + G - 1, G) for n in n_resp) * G if max(n_resp) < 10**6 else float("inf")
+        if size > budget or (not force and size >= multiset_size):
+            if force and size > budget:
+                check_budget(size, budget, f"keyed groups G={G} (keys: {others})", "response slots")
+            continue
+        why = kg.probe(ev)
+        if why is None:
+            break
+        ev.notes.append(f"keyed route with keys {others!r} refused: {why}")
+    else:
+        if force:
+            raise PropertyError("route='keyed' does not apply: " + "; ".join(ev.notes[-2:]))
+        return None
+    N, L = tab.enum.tokens.shape
+    W = torch.zeros(N, L, dtype=torch.float64)
+    sq, n_out = 0.0, 0
+    for pr in kg.prompts:
+        ids, pm, own = kg.mean_groups(pr)                                           # (n, G), (n,), (n,)
+        C = torch.zeros(pr["n_own"], L, dtype=torch.float64)                        # Σ_M P(M) c_0 per own class
+        Q = torch.zeros(pr["n_own"], L, L, dtype=torch.float64)                     # Σ_M P(M) c_0 c_0ᵀ
+        for c0, p, a in _row_coefficients(ev, kg, ids, pm, own, G, chunk_rows, rows=(0,)):    # c0: [(n, L)]
+            C.index_add_(0, a, p[:, None] * c0[0])
+            Q.index_add_(0, a, p[:, None, None] * c0[0][:, :, None] * c0[0][:, None, :])
+        if not ev.check_exchangeable():
+            ev.notes.append("keyed route refused: group members are not exchangeable")
+            return None
+        rows, cond = pr["rows"], kg.cond[pr["rows"]]
+        W[rows] = G * pr["rho"] * cond[:, None] * C[pr["own_id"]]                # (n_rows, L)
+        n_out += len(ids)
+        if cov is not None:
+            s = scores[rows]                                                        # (n, L, D)
+            S = torch.zeros(pr["n_own"], L, L, dtype=torch.float64).index_add(
+                0, pr["own_id"], cond[:, None, None] * torch.einsum("nld,nmd->nlm", s, s))
+            mu = torch.zeros((pr["n_own"],) + s.shape[1:], dtype=torch.float64).index_add(
+                0, pr["own_id"], cond[:, None, None] * s)                           # (n_own, L, D) Σ π s_t
+            pair = 0.0
+            pids, ppm, a1, a2 = kg.pair_groups(pr)
+            for cc, p, ab in _row_coefficients(ev, kg, pids, ppm, torch.stack([a1, a2], 1), G, chunk_rows,
+                                               rows=(0, 1)):
+                e1 = torch.einsum("nl,nld->nd", cc[0], mu[ab[:, 0]])                # (n, D) E v_1 given the classes
+                e2 = torch.einsum("nl,nld->nd", cc[1], mu[ab[:, 1]])
+                pair += float((p * (e1 * e2).sum(1)).sum())
+            sq += pr["rho"] * (G * float((Q * S).sum()) + G * (G - 1) * pair)
+    return W, sq, n_out, [f"keyed route: others' key {others!r}, {n_out:,} (own class, multiset) groups"]
+
+
+def _row_coefficients(ev, kg, ids, pm, tag, G, chunk_rows, rows):
+    """Yield (coefficients of the given rows of each group, P(multiset), tag) chunk by chunk."""
+    per = max(1, chunk_rows // G)
+    for lo in range(0, len(ids), per):
+        chunk = kg.chunk(ids[lo: lo + per], pm[lo: lo + per])
+        c = ev.coefficients(chunk).reshape(len(ids[lo: lo + per]), G, -1)           # (n, G, L)
+        yield [c[:, r] for r in rows], pm[lo: lo + per], tag[lo: lo + per]
+
+
+class _Reroute(Exception):
+    """The multiset route was found not to apply (exchangeability fails): start again with 'joint'."""
+
+
+def _accumulate(source, ev, enum: Rollouts, scores, cov, route: str):
+    """Σ over the source's chunks: W (N, L) = Σ P(batch) c per response, and for second moments
+    Σ P(batch) ‖ĝ_b‖² (and Σ P(batch) ĝ_b ĝ_bᵀ; and E ĝ_b^j per coordinate, j = 2, 3, 4)."""
+    N, L = enum.tokens.shape
+    W = torch.zeros(N, L, dtype=torch.float64)
+    sq, second, raw = 0.0, None, [0.0, 0.0, 0.0]
+    for chunk in source:
+        ro, p_b = chunk.ro, chunk.weight                                              # p_b (n_batches,)
+        c = ev.coefficients(chunk)                                                     # (rows, L)
+        if route == "multiset" and not ev.check_exchangeable():
+            raise _Reroute()
+        W.index_add_(0, ro.response_id, p_b[ro.batch][:, None] * c)
+        if scores is not None:
+            g = torch.einsum("rl,rld->rd", c, scores[ro.response_id])                # (rows, D or K)
+            g_b = torch.zeros(ro.n_batches, g.shape[1], dtype=g.dtype).index_add(0, ro.batch, g)   # ĝ per batch
+            sq += float((p_b * (g_b**2).sum(1)).sum())
+            raw = [r + (p_b[:, None] * g_b**j).sum(0) for r, j in zip(raw, (2, 3, 4))]
+            if cov == "full":
+                m2 = (g_b * p_b[:, None]).T @ g_b
+                second = m2 if second is None else second + m2
+    return W, sq, second, raw

@@ -25,10 +25,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tpg.mdp import TokenMDP, TPGError
-from tpg.policies import Policy
+from tpg import validate
+from tpg.mdp import BudgetError, TokenMDP, TPGError
+from tpg.policies import Policy, register_policy
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+PARAM_BUDGET = 50_000_000      # GPT-2 parameters (400 MB in float64) before refusing: this is a tiny model
 
 
 def _model_cache(out):
@@ -56,25 +58,33 @@ class GPT2Policy(Policy):
                  dtype: torch.dtype = torch.float64, init_range: float = 0.02, attn: str = "eager",
                  activation: str = "gelu_new", kv_cache: bool = True):
         super().__init__()
-        from transformers import GPT2Config, GPT2LMHeadModel
+        validate.mdp("mdp", mdp)
+        validate.seed("seed", seed)
         for name, v in (("n_layer", n_layer), ("n_head", n_head), ("n_embd", n_embd)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise TPGError(f"{name} must be an int ≥ 1, got {v!r}")
+            validate.integer(name, v, 1)
         if n_embd % n_head:
             raise TPGError(f"n_embd={n_embd} must be divisible by n_head={n_head}")
-        if dtype not in (torch.float64, torch.float32):
-            raise TPGError(f"dtype must be torch.float64 (exact path) or torch.float32 (Monte Carlo), got {dtype}")
-        if attn not in ATTN_IMPLEMENTATIONS:
-            raise TPGError(f"attn must be one of {ATTN_IMPLEMENTATIONS}, got {attn!r}")
-        from transformers.activations import ACT2FN
-        if activation not in ACT2FN:
+        validate.choice("dtype", dtype, (torch.float64, torch.float32),
+                        " (float64 on the exact path, float32 for Monte Carlo)")
+        validate.choice("attn", attn, ATTN_IMPLEMENTATIONS)
+        validate.real("init_range", init_range, 0.0, None, "(]", why=" (the std of the random init)")
+        validate.boolean("kv_cache", kv_cache)
+        ctx = max(len(p) for p in mdp.prompts) + 1                       # longest [BOS] ⊕ x
+        n_params = 12 * n_layer * n_embd**2 + (mdp.vocab_size + 1 + ctx + mdp.horizon + 1) * n_embd
+        if n_params > PARAM_BUDGET:
+            raise BudgetError(f"a GPT-2 with n_layer={n_layer}, n_embd={n_embd} for V={mdp.vocab_size} has about "
+                              f"{n_params:,} parameters, above the budget of {PARAM_BUDGET:,}; tpg's GPT-2 is a "
+                              "tiny model: use fewer layers or a smaller n_embd")
+        try:
+            from transformers import GPT2Config, GPT2LMHeadModel
+            from transformers.activations import ACT2FN
+        except ImportError as e:
+            raise TPGError(f"the gpt2 policy needs transformers ({e}); install with: pip install -e '.[lm]'") from e
+        if not (isinstance(activation, str) and activation in ACT2FN):
             raise TPGError(f"unknown activation {activation!r}; e.g. 'gelu_new' (GPT-2's) or 'gelu'")
-        if not init_range > 0:
-            raise TPGError(f"init_range must be > 0, got {init_range!r}")
         self.mdp, self.kv_cache = mdp, bool(kv_cache)
         V = mdp.vocab_size
         self.bos = V
-        ctx = max(len(p) for p in mdp.prompts) + 1                       # longest [BOS] ⊕ x
         cfg = GPT2Config(vocab_size=V + 1, n_positions=ctx + mdp.horizon + 1, n_embd=n_embd, n_layer=n_layer,
                          n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                          initializer_range=init_range, bos_token_id=V, eos_token_id=None, pad_token_id=None,
@@ -197,3 +207,6 @@ class _GPT2Decoder:
             else:
                 h, _ = self._run(self.ids, None)                                      # the whole sequence again
             self._lp = torch.log_softmax(self.policy._head(h[:, -1]), -1)            # (B, V)
+
+
+register_policy("gpt2", GPT2Policy)

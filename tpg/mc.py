@@ -6,10 +6,10 @@ independent batches b = 1..n and projecting each batch's estimate onto a few fix
 
     z[b, k] = ⟨u_k, ĝ_b⟩ = Σ_{i,t} c_b[i, t] ⟨u_k, ∇θ log π(y_it | s_it)⟩       (DESIGN §2 contract)
 
-The directional scores ⟨u_k, ∇ℓ_it⟩ are forward-mode derivatives (one JVP per direction for all
-rows of all batches at once), and c = −∂loss/∂logp comes from ``tpg.estimators.coefficients``, so
-the very estimator code of the exact engine is under test, for any policy. ``projected_estimates``
-is tested against a naive per-batch backward pass in tests/test_lm.py.
+The projected scores ⟨u_k, ∇ℓ_it⟩ come from ``tpg.scores.projected_scores`` and c = −∂loss/∂logp
+from the estimator (``tpg.batches.projected_estimates``, batch-locality checked), so the very
+estimator code of the exact engine is under test, for any policy. ``projected_estimates`` is
+tested against a naive per-batch backward pass in tests/test_lm.py.
 
 ``paired_test`` is the statistical test: for per-batch paired differences d[b, k] (two estimators
 on the SAME batches, e.g. z_REINFORCE − z_RLOO, or z_GRPO − (1 − 1/G) z_REINFORCE), H0 is
@@ -37,85 +37,20 @@ tests/test_lm.py, n = 3000). And s itself is then accurate to a relative s.e. �
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from scipy import stats
-from torch import nn
 
 from tpg.mdp import TPGError
-from tpg.rollouts import Rollouts
 
 ALPHA = 1e-6          # total false-fail rate of one test
 BETA = 1e-6           # false-pass rate at the smallest detectable difference
 
 
-# ------------------------------------------------------------------------------ projections
-class _TokenLogProbs(nn.Module):
-    """policy.token_log_probs as a module forward, so ``torch.func.functional_call`` can swap θ."""
-
-    def __init__(self, policy):
-        super().__init__()
-        self.policy = policy
-
-    def forward(self, prompt_idx, tokens):
-        return self.policy.token_log_probs(prompt_idx, tokens)
-
-
-def _params(policy) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in policy.named_parameters() if p.requires_grad}
-
-
-def random_directions(policy, K: int, generator: torch.Generator) -> torch.Tensor:
-    """(K, D) independent uniformly random unit vectors in parameter space (D = #parameters)."""
-    D = sum(p.numel() for p in _params(policy).values())
-    u = torch.randn(K, D, generator=generator, dtype=torch.float64)
-    return u / u.norm(dim=1, keepdim=True)
-
-
-def directional_scores(policy, ro: Rollouts, directions: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """(K, B, L) ⟨u_k, ∇θ log π(y_it | s_it)⟩ for every row and token (0 after the end).
-
-    One forward-mode JVP per direction over all rows (in chunks of ``chunk`` rows), no backward.
-    directions (K, D) are in the order of ``policy.named_parameters()`` (= ``policy.parameters()``).
-    """
-    params = _params(policy)
-    names, prim = list(params), tuple(params.values())
-    sizes = [p.numel() for p in prim]
-    if directions.shape[1] != sum(sizes):
-        raise TPGError(f"directions have {directions.shape[1]} entries, the policy has {sum(sizes)} parameters")
-    wrap = _TokenLogProbs(policy)
-    B, L = ro.tokens.shape
-    out = torch.zeros(directions.shape[0], B, L, dtype=torch.float64)
-
-    def f(*ps):
-        return torch.func.functional_call(wrap, {"policy." + n: p for n, p in zip(names, ps)},
-                                          (pidx, toks))
-    for k, u in enumerate(directions):
-        tang = tuple(part.reshape(p.shape).to(p.dtype) for part, p in zip(torch.split(u, sizes), prim))
-        for lo in range(0, B, chunk):
-            pidx, toks = ro.prompt_idx[lo: lo + chunk], ro.tokens[lo: lo + chunk]
-            with torch.no_grad(), warnings.catch_warnings():
-                # torch.func's forward-mode decompositions still go through torch.jit.script,
-                # which warns that it is deprecated (harmless, and not ours to fix).
-                warnings.simplefilter("ignore", DeprecationWarning)
-                _, jv = torch.func.jvp(f, prim, tang)                                   # (b, L)
-            out[k, lo: lo + chunk] = jv.to(torch.float64) * ro.mask[lo: lo + chunk]
-    return out
-
-
-def projected_estimates(est, ro: Rollouts, scores: torch.Tensor) -> torch.Tensor:
-    """(n_batches, K) z[b, k] = ⟨u_k, ĝ_b⟩ from the estimator's coefficients and the directional
-    scores (K, B, L) of ``directional_scores`` (compute those once, reuse for every estimator).
-
-    ``ro`` must carry the extras the estimator needs (``tpg.draws.MonteCarloDraws.fill``).
-    """
-    from tpg.estimators.core import coefficients
-    c = coefficients(est, ro)                                                         # (B, L)
-    per_row = torch.einsum("bl,kbl->bk", c, scores)                                  # (B, K)
-    return torch.zeros(ro.n_batches, scores.shape[0], dtype=torch.float64).index_add(0, ro.batch, per_row)
+# Projections live in one place: ``tpg.scores`` (projected_scores, random_directions) and
+# ``tpg.batches.projected_estimates``; this module is the statistical test on top of them.
 
 
 # ------------------------------------------------------------------------------ the test

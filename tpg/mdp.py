@@ -20,25 +20,20 @@ Each may be a table of shape (num_states, V) or a Python callable.
 """
 from __future__ import annotations
 
+import math
 import numbers
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from tpg import validate
+from tpg.validate import BudgetError, TPGError, check_output_path  # noqa: F401  (re-exported: tpg.mdp.TPGError)
+
 DEFAULT_BUDGET = 10_000_000  # responses an enumeration may hold before it refuses
 TABLE_BUDGET = 100_000_000   # entries of a per-(state, token) table (800 MB in float64) before refusing
 _BLOCK_ROWS = 1 << 14        # rows per block in state_index: the (L, rows) work buffer stays in cache
-
-
-class TPGError(ValueError):
-    """A user-facing error: the message says what is wrong and what to do."""
-
-
-class BudgetError(TPGError):
-    """An exact computation was refused before allocating because it is too large."""
 
 
 def host_empty(shape: tuple[int, ...], dtype: torch.dtype = torch.long) -> torch.Tensor:
@@ -49,30 +44,6 @@ def host_empty(shape: tuple[int, ...], dtype: torch.dtype = torch.long) -> torch
     (N, H) index array of a million-response enumeration. Used for tpg's own large buffers.
     """
     return torch.from_numpy(np.empty(shape, dtype=torch.empty(0, dtype=dtype).numpy().dtype))
-
-
-def _is_int(x) -> bool:
-    """An integer that is not a bool (numpy integers included)."""
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise TPGError(msg)
-
-
-def check_output_path(path: str | None, flag: str = "--json") -> None:
-    """Refuse, before any work, an output file that could not be written (missing or read-only
-    directory, or a directory given as the file), so a long run never fails at its very end."""
-    if path is None:
-        return
-    full = os.path.abspath(os.fspath(path))
-    folder = os.path.dirname(full)
-    _check(not os.path.isdir(full), f"{flag} {path} is a directory: give a file path, e.g. {flag} out.json")
-    _check(os.path.isdir(folder), f"{flag} {path}: directory {folder} does not exist; create it first")
-    _check(os.access(folder, os.W_OK), f"{flag} {path}: directory {folder} is not writable; choose another path")
-    _check(not os.path.exists(full) or os.access(full, os.W_OK),
-           f"{flag} {path}: the file exists and is not writable; choose another path")
 
 
 @dataclass(eq=False)
@@ -104,49 +75,70 @@ class TokenMDP:
     _derived: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        V, H = self.vocab_size, self.horizon
-        _check(_is_int(V) and V >= 1, f"vocab_size must be an int ≥ 1, got {V!r}")
-        _check(_is_int(H) and H >= 1, f"horizon must be an int ≥ 1, got {H!r}")
+        # Python ints: a numpy int64 would overflow silently in A**H.
+        V = self.vocab_size = validate.integer("vocab_size", self.vocab_size, 1)
+        self.horizon = validate.integer("horizon", self.horizon, 1)
         if self.eos is not None:
-            _check(_is_int(self.eos) and 0 <= self.eos < V,
-                   f"eos={self.eos!r} is not a token id in [0, {V}); pass eos=None for fixed-length responses")
-            _check(V >= 2, "a vocabulary with EOS needs at least one other token (vocab_size ≥ 2)")
-        _check(isinstance(self.gamma, numbers.Real) and not isinstance(self.gamma, bool)
-               and 0.0 < float(self.gamma) <= 1.0, f"gamma must be a number in (0, 1], got {self.gamma!r}")
-        self.gamma = float(self.gamma)
+            if not (validate.is_int(self.eos) and 0 <= self.eos < V):
+                raise TPGError(f"eos={self.eos!r} is not a token id in [0, {V}); pass eos=None for fixed-length "
+                               "responses")
+            if V < 2:
+                raise TPGError("a vocabulary with EOS needs at least one other token (vocab_size ≥ 2)")
+            self.eos = int(self.eos)
+        self.gamma = validate.real("gamma", self.gamma, 0.0, 1.0, "(]")
+        self.prompts = self._check_prompts(V)
+        self.prompt_probs = self._check_prompt_probs()
+        if (self.token_rewards is None) == (self.response_rewards is None):
+            raise TPGError("give exactly one of token_rewards (additive RM) or response_rewards "
+                           "(RM of the whole response)")
+        for name in ("token_rewards", "response_rewards"):
+            table = getattr(self, name)
+            if table is not None and not callable(table):
+                setattr(self, name, self._check_table(name, table))
+
+    def _check_prompts(self, V: int) -> tuple[tuple[int, ...], ...]:
         try:
             prompts = tuple(tuple(p) for p in self.prompts)
         except TypeError:
-            raise TPGError(f"prompts must be a list of token sequences, e.g. [(0, 1), ()], got {self.prompts!r}") from None
-        _check(len(prompts) >= 1, "an MDP needs at least one prompt (an empty prompt () is allowed)")
+            raise validate.TPGTypeError(f"prompts must be a list of token sequences, e.g. [(0, 1), ()], "
+                                        f"got {validate.show(self.prompts)}") from None
+        if not prompts:
+            raise TPGError("an MDP needs at least one prompt (an empty prompt () is allowed)")
         for i, p in enumerate(prompts):
             for t in p:
-                _check(_is_int(t) and 0 <= t < V and t != self.eos,
-                       f"prompt {i} has token {t!r}: prompt tokens must be ints in [0, {V}) and not EOS")
-        self.prompts = tuple(tuple(int(t) for t in p) for p in prompts)
+                if not (validate.is_int(t) and 0 <= t < V and t != self.eos):
+                    raise TPGError(f"prompt {i} has token {t!r}: prompt tokens must be ints in [0, {V}) and not EOS")
+        return tuple(tuple(int(t) for t in p) for p in prompts)
+
+    def _check_prompt_probs(self) -> np.ndarray:
         P = len(self.prompts)
+        if self.prompt_probs is None:
+            return np.full(P, 1.0 / P)
         try:
-            rho = np.full(P, 1.0 / P) if self.prompt_probs is None else np.asarray(self.prompt_probs, float)
+            rho = np.asarray(self.prompt_probs, dtype=np.float64)
         except (TypeError, ValueError):
-            raise TPGError(f"prompt_probs must be {P} numbers, got {self.prompt_probs!r}") from None
-        _check(rho.shape == (P,), f"prompt_probs has shape {rho.shape}, expected ({P},)")
-        _check(bool(np.all(np.isfinite(rho)) and np.all(rho >= 0)), "prompt_probs must be finite and ≥ 0")
-        _check(abs(rho.sum() - 1.0) < 1e-9, f"prompt_probs must sum to 1, sum is {rho.sum():.6g}")
-        self.prompt_probs = rho
-        _check((self.token_rewards is None) != (self.response_rewards is None),
-               "give exactly one of token_rewards (additive RM) or response_rewards (RM of the whole response)")
-        for name in ("token_rewards", "response_rewards"):
-            table = getattr(self, name)
-            if table is None or callable(table):
-                continue
-            try:
-                table = np.asarray(table, dtype=np.float64)
-            except (TypeError, ValueError):
-                raise TPGError(f"{name} must be a (num_states, V) array of numbers or a callable") from None
-            _check(table.shape == (self.num_states, V),
-                   f"{name} has shape {table.shape}, expected (num_states, V) = ({self.num_states}, {V})")
-            _check(bool(np.all(np.isfinite(table))), f"{name} contains NaN or inf")
-            setattr(self, name, table)
+            raise TPGError(f"prompt_probs must be {P} numbers, got {validate.show(self.prompt_probs)}") from None
+        if rho.shape != (P,):
+            raise TPGError(f"prompt_probs has shape {rho.shape}, expected ({P},)")
+        if not (np.all(np.isfinite(rho)) and np.all(rho >= 0)):
+            raise TPGError(f"prompt_probs must be finite and ≥ 0, got {rho.tolist()}")
+        if abs(rho.sum() - 1.0) >= 1e-9:
+            raise TPGError(f"prompt_probs must sum to 1, sum is {rho.sum():.6g}")
+        return rho
+
+    def _check_table(self, name: str, table) -> np.ndarray:
+        shape = ("more than 10^18", self.vocab_size) if self._astronomical() else (self.num_states, self.vocab_size)
+        try:
+            table = np.asarray(table, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise validate.TPGTypeError(f"{name} must be a (num_states, V) array of numbers or a callable, "
+                                        f"got {validate.show(table, with_type=True)}") from None
+        if table.shape != shape:
+            raise TPGError(f"{name} has shape {table.shape}, expected (num_states, V) = {shape}")
+        if not np.all(np.isfinite(table)):
+            raise TPGError(f"{name} contains NaN or inf ({int((~np.isfinite(table)).sum())} entries); "
+                           "rewards must be finite")
+        return table
 
     # ------------------------------------------------------------------ tree structure
     @property
@@ -172,6 +164,11 @@ class TokenMDP:
     @property
     def num_responses(self) -> int:
         return len(self.prompts) * self.responses_per_prompt
+
+    def _astronomical(self) -> bool:
+        """More than 10^18 states or responses per prompt: no table or enumeration can exist, and the
+        exact counts (big integers of up to H·log10 A digits) are not worth forming."""
+        return self.arity > 1 and self.horizon * math.log10(self.arity) > 18
 
     @property
     def additive(self) -> bool:
@@ -205,7 +202,8 @@ class TokenMDP:
         """
         B, L = tokens.shape
         A, H, S = self.arity, self.horizon, self.states_per_prompt
-        _check(self.num_states < 2**62, f"{self!r} has too many states to index in int64")
+        if self.num_states >= 2**62:
+            raise TPGError(f"{self!r} has too many states to index in int64")
         out = host_empty((B, L))                                              # (B, L) int64
         if B == 0 or L == 0:
             return out
@@ -262,6 +260,18 @@ class TokenMDP:
         toks = [d + (self.eos is not None and d >= self.eos) for d in digits]
         return p, tuple(int(x) for x in toks)
 
+    def prefix_tokens(self, states: np.ndarray) -> torch.Tensor:
+        """(n, H) response-prefix tokens of the given states (0-padded after the prefix): the digits
+        of each state's code, most significant first, with EOS skipped (the inverse of state_index)."""
+        st = self.state_table()
+        states = np.asarray(states, dtype=np.int64)
+        level, code = st["level"][states], st["code"][states]                  # (n,) each
+        A, H = self.arity, self.horizon
+        power = A ** np.clip(level[:, None] - 1 - np.arange(H)[None, :], 0, None)      # (n, H) A^(t-1-k)
+        digits = np.where(np.arange(H)[None, :] < level[:, None], code[:, None] // power % A, 0)
+        toks = digits + (digits >= self.eos) if self.eos is not None else digits
+        return torch.as_tensor(np.where(np.arange(H)[None, :] < level[:, None], toks, 0))
+
     # ------------------------------------------------------------------ rewards
     def rewards(self, prompt_idx: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,48 +309,70 @@ class TokenMDP:
         return r.mul_(m), rm
 
     def _call_rewards(self, fn: Callable, prompt_idx, tokens, lengths) -> torch.Tensor:
-        """(B, L) values of a reward callable: r(x, y_<t, y_t) per token, or RM(x, y) at the last token."""
+        """(B, L) values of a reward callable: r(x, y_<t, y_t) per token, or RM(x, y) at the last token.
+        Every value must be a finite real number (a bool, a string or a vector is refused)."""
         B, L = tokens.shape
         out = np.zeros((B, L))
         toks, lens, pidx = tokens.tolist(), lengths.tolist(), prompt_idx.tolist()
         name = "token_rewards" if self.additive else "response_rewards"
         for i in range(B):
             y = tuple(toks[i][: lens[i]])
-            try:
-                if self.additive:
-                    out[i, : lens[i]] = [fn(pidx[i], y[:t], y[t]) for t in range(lens[i])]
-                elif lens[i]:
-                    out[i, lens[i] - 1] = fn(pidx[i], y)
-            except (TypeError, ValueError) as e:
-                raise TPGError(f"the {name} callable must return a float; on prompt {pidx[i]}, response {y}: {e}") from e
-            if not np.isfinite(out[i]).all():
-                raise TPGError(f"the {name} callable returned NaN or inf on prompt {pidx[i]}, response {y}; "
-                               "rewards must be finite")
+            if self.additive:
+                vals = [fn(pidx[i], y[:t], y[t]) for t in range(lens[i])]
+            else:
+                vals = [fn(pidx[i], y)] if lens[i] else []
+            for v in map(_scalar, vals):
+                if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+                    raise TPGError(f"the {name} callable must return a float; on prompt {pidx[i]}, response {y} "
+                                   f"it returned {validate.show(v, with_type=True)}")
+                if not math.isfinite(v):
+                    raise TPGError(f"the {name} callable returned NaN or inf on prompt {pidx[i]}, response {y}; "
+                                   "rewards must be finite")
+            if self.additive:
+                out[i, : lens[i]] = [_scalar(v) for v in vals]
+            elif lens[i]:
+                out[i, lens[i] - 1] = _scalar(vals[0])
         return torch.as_tensor(out)
 
     def zra(self) -> "TokenMDP":
         """The same MDP with the Zero-Reward decomposition of the same RM (PAPER §1.4).
 
-        J, ∇J and γ^(t-1)A_t are unchanged; V and Q change (PAPER §7 item 7).
+        J, ∇J and γ^(t-1)A_t are unchanged; V and Q change (PAPER §7 item 7). Each complete
+        response ends at exactly one terminal (state, token) pair (the tree of §1.2), so the RM of
+        the response ⊕-built from each terminal pair fills the table: one row per response, as many
+        as an enumeration, refused above the same budget.
         """
         if not self.additive:
             return self
-        from tpg.rollouts import enumerate_responses  # local import: rollouts imports mdp
-        enum = enumerate_responses(self)
-        s_last = self.state_index(enum.prompt_idx, enum.tokens, enum.mask)
-        last = enum.lengths - 1
-        rows = s_last[torch.arange(enum.batch_size), last].numpy()
-        toks = enum.tokens[torch.arange(enum.batch_size), last].numpy()
+        if self._astronomical() or self.num_responses > DEFAULT_BUDGET:
+            n = f"~10^{self.horizon * math.log10(self.arity):.0f}" if self._astronomical() else f"{self.num_responses:,}"
+            raise BudgetError(f"the Zero-Reward table of {self!r} needs {n} responses, above the budget of "
+                              f"{DEFAULT_BUDGET:,}. Use Monte Carlo instead, or the additive MDP itself")
+        N = self.num_responses
+        st = self.state_table()
+        s_last, y_last = np.nonzero(st["child"] < 0)                               # (N,) terminal pairs
+        level = st["level"][s_last]                                                # (N,) position of y_T − 1
+        tokens = self.prefix_tokens(s_last)                                        # (N, H)
+        tokens[torch.arange(N), torch.as_tensor(level)] = torch.as_tensor(y_last)
+        mask = torch.arange(self.horizon)[None, :] <= torch.as_tensor(level)[:, None]  # (N, H)
+        _, rm = self.rewards(torch.as_tensor(st["prompt"][s_last]), tokens, mask)
         table = np.zeros((self.num_states, self.vocab_size))
-        table[rows, toks] = enum.rm.numpy()
+        table[s_last, y_last] = rm.numpy()
         return TokenMDP(self.prompts, self.vocab_size, self.horizon, self.eos, self.gamma, self.prompt_probs,
                         response_rewards=table, name=(self.name + " (ZRA)").strip())
 
     def __repr__(self) -> str:
         kind = "token rewards" if self.additive else "response rewards"
+        digits = self.horizon * math.log10(self.arity)                 # str(int) refuses beyond 4,300 digits
+        n = self.num_responses if digits < 4000 else f"~10^{digits:.0f}"
         return (f"TokenMDP({self.name + ', ' if self.name else ''}P={len(self.prompts)}, V={self.vocab_size}, "
                 f"H={self.horizon}, eos={self.eos}, γ={self.gamma:g}, {kind}, "
-                f"{self.num_responses} responses)")
+                f"{n} responses)")
+
+
+def _scalar(v):
+    """A 0-d tensor or array returned by a reward callable, as its Python number."""
+    return v.item() if isinstance(v, (torch.Tensor, np.ndarray)) and v.ndim == 0 else v
 
 
 REWARD_KINDS = ("gaussian", "sparse", "binary", "zra")
@@ -356,13 +388,14 @@ def random_mdp(seed: int = 0, *, vocab_size: int = 3, horizon: int = 3, eos: boo
     per-prompt success rate), "zra" (response-level N(0,1) RM: the Zero-Reward-Assumption form).
     With eos=True the EOS id is vocab_size - 1.
     """
-    _check(_is_int(seed) and seed >= 0, f"seed must be an int ≥ 0 (numpy seeds are non-negative), got {seed!r}")
-    _check(reward in REWARD_KINDS, f"reward must be one of {REWARD_KINDS}, got {reward!r}")
-    _check(_is_int(vocab_size) and vocab_size >= 1 + bool(eos),
-           f"vocab_size must be an int ≥ {1 + bool(eos)} (eos={eos} needs one token besides EOS), got {vocab_size!r}")
-    _check(_is_int(n_prompts) and n_prompts >= 1, f"n_prompts must be an int ≥ 1, got {n_prompts!r}")
-    _check(_is_int(prompt_len) and prompt_len >= 0, f"prompt_len must be an int ≥ 0, got {prompt_len!r}")
-    _check(isinstance(sparsity, numbers.Real) and 0.0 <= sparsity <= 1.0, f"sparsity must be in [0, 1], got {sparsity!r}")
+    validate.seed("seed", seed)
+    validate.choice("reward", reward, REWARD_KINDS)
+    validate.boolean("eos", eos)
+    validate.integer("vocab_size", vocab_size, 1 + bool(eos), why=f" (eos={eos} needs one token besides EOS)"
+                     if eos else "")
+    validate.integer("n_prompts", n_prompts, 1)
+    validate.integer("prompt_len", prompt_len, 0)
+    validate.real("sparsity", sparsity, 0.0, 1.0)
     rng = np.random.default_rng(seed)
     eos_id = vocab_size - 1 if eos else None
     A = vocab_size - (eos_id is not None)

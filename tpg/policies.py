@@ -16,11 +16,16 @@ with a faster form (the tabular softmax does: its rows are the states).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 from torch import nn
 
+from tpg import validate
 from tpg.mdp import TABLE_BUDGET, BudgetError, TokenMDP, TPGError
+
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 class Policy(nn.Module):
@@ -50,14 +55,11 @@ class Policy(nn.Module):
         """
         mdp = self.mdp
         st = mdp.state_table()
-        A = mdp.arity
-        level, code, prompt = (torch.as_tensor(st[k]) for k in ("level", "code", "prompt"))
+        level, prompt = torch.as_tensor(st["level"]), torch.as_tensor(st["prompt"])
         parts, order = [], []
         for lvl in range(mdp.horizon):
             idx = torch.nonzero(level == lvl)[:, 0]
-            digits = (code[idx, None] // A ** torch.arange(lvl - 1, -1, -1)) % A     # (n, lvl), MSB first
-            toks = digits + (digits >= mdp.eos).long() if mdp.eos is not None else digits
-            toks = torch.cat([toks, torch.zeros(len(idx), 1, dtype=torch.long)], 1)    # (n, lvl+1), last a dummy
+            toks = mdp.prefix_tokens(idx.numpy())[:, : lvl + 1]                        # (n, lvl+1), last a dummy 0
             parts.append(self.log_probs(prompt[idx], toks)[:, lvl])                   # (n, V)
             order.append(idx)
         return torch.cat(parts)[torch.argsort(torch.cat(order))]                       # (S, V)
@@ -96,6 +98,7 @@ class TabularSoftmax(Policy):
     def __init__(self, mdp: TokenMDP, logits: torch.Tensor | np.ndarray | None = None, *, seed: int | None = 0,
                  scale: float = 1.0, dtype=torch.float64):
         super().__init__()
+        _check_common(mdp, seed, scale, dtype, seed_none_ok=True)
         self.mdp = mdp
         shape = (mdp.num_states, mdp.vocab_size)
         if shape[0] * shape[1] > TABLE_BUDGET:
@@ -105,11 +108,7 @@ class TabularSoftmax(Policy):
         if logits is None:
             g = torch.Generator().manual_seed(seed) if seed is not None else None
             logits = scale * torch.randn(shape, generator=g, dtype=dtype) if seed is not None else torch.zeros(shape)
-        logits = torch.as_tensor(logits, dtype=dtype)
-        if logits.shape != shape:
-            raise TPGError(f"logits have shape {tuple(logits.shape)}, expected (num_states, V) = {shape}")
-        if not torch.isfinite(logits).all():
-            raise TPGError("logits contain NaN or inf")
+        logits = validate.finite_tensor("logits", logits, shape, shape_name="(num_states, V)").to(dtype)
         self.logits = nn.Parameter(logits.clone())
 
     def log_probs(self, prompt_idx, tokens):
@@ -164,6 +163,7 @@ class LogLinear(Policy):
 
     def __init__(self, mdp: TokenMDP, *, seed: int = 0, scale: float = 1.0, dtype=torch.float64):
         super().__init__()
+        _check_common(mdp, seed, scale, dtype)
         self.mdp = mdp
         V, H, P = mdp.vocab_size, mdp.horizon, len(mdp.prompts)
         g = torch.Generator().manual_seed(seed)
@@ -187,19 +187,32 @@ class LogLinear(Policy):
         return _LogLinearDecoder(self, prompt_idx, prefix_len.long().clamp(max=self.mdp.horizon - 1), prev)
 
 
-POLICY_KINDS = ("tabular", "loglinear", "gpt2")
+def _check_common(mdp, seed, scale, dtype, seed_none_ok: bool = False) -> None:
+    """The constructor arguments every built-in policy shares."""
+    validate.mdp("mdp", mdp)
+    if not (seed_none_ok and seed is None):
+        validate.seed("seed", seed)
+    validate.real("scale", scale, 0.0, None, why=" (the std of the random initial parameters)")
+    validate.choice("dtype", dtype, FLOAT_DTYPES)
+
+
+# ------------------------------------------------------------------------------------ by name
+# The CLI's --policy. Each module registers the policies it defines ("gpt2" comes from tpg.lm,
+# which the package imports), so this module never imports a layer above it.
+POLICY_BUILDERS: dict[str, Callable[..., Policy]] = {}
+
+
+def register_policy(kind: str, build: Callable[..., Policy]) -> None:
+    """Make ``make_policy(kind, mdp, seed, **kw)`` call ``build(mdp, seed=seed, **kw)``."""
+    POLICY_BUILDERS[kind] = build
 
 
 def make_policy(kind: str, mdp: TokenMDP, seed: int = 0, **kw) -> Policy:
     """A policy of the named kind for ``mdp`` (the CLI's ``--policy``). GPT-2 needs transformers."""
-    if kind == "tabular":
-        return TabularSoftmax(mdp, seed=seed, **kw)
-    if kind == "loglinear":
-        return LogLinear(mdp, seed=seed, **kw)
-    if kind == "gpt2":
-        try:
-            from tpg.lm import GPT2Policy
-        except ImportError as e:  # transformers missing
-            raise TPGError(f"--policy gpt2 needs transformers ({e}); install with: pip install -e '.[lm]'") from e
-        return GPT2Policy(mdp, seed=seed, **kw)
-    raise TPGError(f"unknown policy kind {kind!r}; choose one of {POLICY_KINDS}")
+    if not (isinstance(kind, str) and kind in POLICY_BUILDERS):
+        raise TPGError(f"unknown policy kind {kind!r}; choose one of {tuple(POLICY_BUILDERS)}")
+    return POLICY_BUILDERS[kind](mdp, seed=seed, **kw)
+
+
+register_policy("tabular", TabularSoftmax)
+register_policy("loglinear", LogLinear)

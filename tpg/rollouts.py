@@ -6,22 +6,59 @@ exact engine stacks many possible batches into one tensor, and every batch-level
 token-mean aggregation or whitening, is a segment reduction over ``batch``). Nothing in it assumes
 a tabular policy: ``logp`` comes from any policy's ``token_log_probs``.
 
-Estimators may ask for extra draws, stored in ``extras`` (all float64 unless noted):
+Estimators may ask for extra draws (``needs``, checked against ``tpg.estimators.NEEDS``), found in
+``extras`` (all float64 unless noted; reading one that was not requested raises a TPGError naming
+the request to add):
 - ``greedy_rm`` (B,): RM of the greedy response to the row's prompt (ReMax).
 - ``cont_rm`` (B, L+1, K): RM of K continuation rollouts from each prefix y_<=t, t = 0..L; at and
   after the end of the response every entry is RM(y) (TRePO, VinePPO).
 - ``values`` (B, L): a critic's V̂ of the state before token t (PPO/GAE, verl's convention).
 - ``ref_logp`` (B, L): log π_ref of the sampled tokens (KL terms).
 - ``anchors`` (B, L) bool: TRePO anchor positions.
+
+Context an estimator may read without closures: ``ro.mdp`` (so ``ro.gamma``), ``ro.states`` (B, L)
+the state index of the prefix before each token, ``ro.positions`` (1, L) = 1..L, ``ro.lengths``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
+from tpg import validate
 from tpg.mdp import DEFAULT_BUDGET, BudgetError, TokenMDP, TPGError, host_empty
+
+
+EXTRAS = ("greedy_rm", "cont_rm", "values", "ref_logp", "anchors")
+_REQUEST = {"greedy_rm": "needs={'greedy': True}", "cont_rm": "needs={'continuations': K}",
+            "values": "needs={'values': True} (and a critic=)", "ref_logp": "needs={'ref': True} (and a ref=)",
+            "anchors": "needs={'anchors': spec}"}
+
+
+class Extras(dict):
+    """The extra draws of a batch: a dict of the keys in ``EXTRAS`` whose missing entries explain
+    which request would have filled them (instead of a bare KeyError)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        for k in self:
+            self._check(k)
+
+    @staticmethod
+    def _check(key):
+        if key not in EXTRAS:
+            raise TPGError(f"unknown extra draw {key!r}; the extras are {EXTRAS}")
+
+    def __setitem__(self, key, value):
+        self._check(key)
+        super().__setitem__(key, value)
+
+    def __missing__(self, key):
+        self._check(key)
+        raise TPGError(f"this estimator reads extras[{key!r}], which was not drawn: declare it with "
+                       f"{_REQUEST[key]} (register_advantage(..., needs=...) or an attribute ``needs`` on a callable)")
 
 
 @dataclass
@@ -38,6 +75,30 @@ class Rollouts:
     logp_old: torch.Tensor | None = None  # (B, L) behaviour-policy log-probs, detached
     response_id: torch.Tensor | None = None  # (B,) row of the enumeration (exact mode)
     extras: dict = field(default_factory=dict)
+    kl_reward: torch.Tensor | None = None  # (B, L) β·kl_t subtracted from the rewards (KL in the reward)
+    mdp: TokenMDP | None = None         # the MDP the responses come from (context for estimators)
+
+    def __post_init__(self):
+        if not isinstance(self.extras, Extras):
+            self.extras = Extras(self.extras)
+
+    @property
+    def gamma(self) -> float:
+        if self.mdp is None:
+            raise TPGError("these rollouts carry no MDP (ro.mdp is None), so no γ")
+        return self.mdp.gamma
+
+    @property
+    def states(self) -> torch.Tensor:
+        """(B, L) state index (``TokenMDP.state_index``) of the prefix before each token, 0 after the end."""
+        if self.mdp is None:
+            raise TPGError("these rollouts carry no MDP (ro.mdp is None), so no state index")
+        return self.mdp.state_index(self.prompt_idx, self.tokens, self.mask)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """(1, L) token positions t = 1..L (broadcast against (B, L))."""
+        return torch.arange(1, self.tokens.shape[1] + 1)[None, :]
 
     @property
     def batch_size(self) -> int:
@@ -54,11 +115,11 @@ class Rollouts:
     def select(self, rows: torch.Tensor, **changes) -> "Rollouts":
         """The rows ``rows`` of every per-row field (extras included)."""
         pick = lambda v: None if v is None else v[rows]
-        ex = {k: v[rows] for k, v in self.extras.items()}
+        ex = Extras({k: v[rows] for k, v in self.extras.items()})
         out = replace(self, prompt_idx=self.prompt_idx[rows], tokens=self.tokens[rows], mask=self.mask[rows],
                       token_rewards=self.token_rewards[rows], rm=self.rm[rows], group=self.group[rows],
                       batch=self.batch[rows], logp=pick(self.logp), logp_old=pick(self.logp_old),
-                      response_id=pick(self.response_id), extras=ex)
+                      response_id=pick(self.response_id), extras=ex, kl_reward=pick(self.kl_reward))
         return replace(out, **changes)
 
     def score(self, policy) -> "Rollouts":
@@ -72,17 +133,81 @@ def _finish(mdp: TokenMDP, prompt_idx, tokens, mask, group, batch, n_batches, lo
     tokens = tokens * mask.long()
     r, rm = mdp.rewards(prompt_idx, tokens, mask)
     return Rollouts(prompt_idx, tokens, mask.to(torch.float64), r, rm, group, batch, n_batches,
-                    logp_old=logp_old, response_id=response_id)
+                    logp_old=logp_old, response_id=response_id, mdp=mdp)
 
 
 # ---------------------------------------------------------------------------------- enumeration
-def check_budget(n: int, budget: int | None, what: str, unit: str = "responses") -> None:
-    """Refuse, before anything is allocated, an exact job of ``n`` units above ``budget``."""
+MONTE_CARLO = "Use Monte Carlo instead (tpg.rollouts.sample, tpg.verify.mc_check, tpg.mc) or pass a larger budget=."
+EXACT_DIGITS = 18   # sizes below 10^18 are computed exactly (cheap) and printed with separators
+
+
+def format_size(n: int | float | None = None, log10_n: float | None = None) -> str:
+    """A size for a message: 1,398,101 when exact and moderate, else 6.71e+07 (from log10 if given).
+
+    Never formats a huge exact integer (Python refuses beyond 4,300 digits, and it is slow)."""
+    if log10_n is None and isinstance(n, (int, np.integer)) and not isinstance(n, bool) \
+            and abs(int(n)) < 10**EXACT_DIGITS:
+        return f"{int(n):,}"
+    lg = _log10(n) if log10_n is None else log10_n
+    if lg == -math.inf:
+        return "0"
+    if not math.isfinite(lg):
+        return "inf"
+    e = math.floor(lg)
+    m = 10 ** (lg - e)
+    if m >= 9.995:                                                 # 9.9996e+07 rounds up to 1.00e+08
+        m, e = m / 10, e + 1
+    return f"{m:.2f}e+{e:02d}" if e >= 0 else f"{m:.2f}e-{-e:02d}"
+
+
+def _log10(n) -> float:
+    """log10 of a count given as an int (any size: math.log10 reads big ints in O(1) digits) or float."""
+    if n <= 0:
+        return -math.inf
+    return math.log10(n) if not (isinstance(n, float) and math.isinf(n)) else math.inf
+
+
+def check_budget(n: int | float | None, budget: int | None, what: str, unit: str = "responses", *,
+                 log10_n: float | None = None, kind: str = "enumeration", instead: str = MONTE_CARLO) -> None:
+    """Refuse, before anything is allocated, an exact job of ``n`` units above ``budget``.
+
+    O(1) in the size: ``n`` may be an exact int, a float estimate, or be given as ``log10_n``
+    (for sizes a float cannot hold, e.g. n_groups ** n_prompts: pass n_prompts · log10 n_groups).
+    Exact ints compare exactly (so budget=N admits N and refuses N + 1); estimates compare in log
+    space. The message gives the size in ``unit`` and the way out (``instead``).
+    """
     budget = DEFAULT_BUDGET if budget is None else budget
-    if n > budget:
-        raise BudgetError(f"exact enumeration of {what} needs {n:,} {unit}, above the budget of {budget:,}. "
-                          "Use Monte Carlo instead (tpg.rollouts.sample, tpg.verify.mc_check, tpg.mc) "
-                          "or pass a larger budget=.")
+    if log10_n is None and isinstance(n, (int, np.integer)) and not isinstance(n, bool):
+        over = int(n) > budget
+    else:
+        lg = _log10(n) if log10_n is None else log10_n
+        over = lg > _log10(budget) if budget > 0 else lg > -math.inf
+    if over:
+        raise BudgetError(f"exact {kind} of {what} needs {format_size(n, log10_n)} {unit}, above the budget of "
+                          f"{format_size(budget)}. {instead}")
+
+
+def log10_sizes(mdp: TokenMDP) -> tuple[float, float]:
+    """(log10 num_states, log10 num_responses) of ``mdp`` in O(1), without the exact big integers.
+
+    With A non-EOS tokens and horizon H, a prompt has S = (A^H − 1)/(A − 1) prefix states
+    (H when A = 1) and A^H + S·[EOS] responses (mdp.py's counts)."""
+    A, H, P = mdp.arity, mdp.horizon, len(mdp.prompts)
+    if A == 1:
+        states, per_state = math.log10(H), (math.log10(1 + H) if mdp.eos is not None else 0.0)
+        return math.log10(P) + states, math.log10(P) + per_state
+    lnA = math.log(A)
+    frac = -math.expm1(-H * lnA)                                   # 1 − A^−H, exact for large H too
+    states = H * math.log10(A) + math.log10(frac) - math.log10(A - 1)
+    full = H * math.log10(A)                                       # the A^H length-H responses
+    responses = full + (math.log10(1 + frac / (A - 1)) if mdp.eos is not None else 0.0)
+    return math.log10(P) + states, math.log10(P) + responses
+
+
+def sized(log10_n: float, exact) -> dict:
+    """check_budget's size arguments: the exact count (``exact()``, cheap) when it is below 10^18,
+    else only its log10 (the exact big integer is never formed)."""
+    return dict(n=exact()) if log10_n < EXACT_DIGITS else dict(n=None, log10_n=log10_n)
 
 
 def enumerate_responses(mdp: TokenMDP, budget: int | None = None) -> Rollouts:
@@ -92,8 +217,8 @@ def enumerate_responses(mdp: TokenMDP, budget: int | None = None) -> Rollouts:
     the responses of length H; each block in lexicographic order of its digits (token ids with EOS
     skipped). Refuses, before allocating, an MDP with more than ``budget`` responses (default 10^7).
     """
+    check_budget(budget=budget, what=f"{mdp!r}", **sized(log10_sizes(mdp)[1], lambda: mdp.num_responses))
     N = mdp.num_responses
-    check_budget(N, budget, f"{mdp!r}")
     A, H, eos = mdp.arity, mdp.horizon, mdp.eos
     P, R = len(mdp.prompts), mdp.responses_per_prompt
     tokens = host_empty((N, H))                                      # (P·R, H), 0 after the end
@@ -194,23 +319,32 @@ def greedy_pick(lp: torch.Tensor) -> torch.Tensor:
     return torch.argmax(lp, -1)   # torch.argmax returns the first maximal index
 
 
+SAMPLE_BUDGET = DEFAULT_BUDGET   # responses one sampling call may decode (its (B, H) buffers) before it refuses
+
+
+def _check_sample_size(n: int, what: str) -> None:
+    if n > SAMPLE_BUDGET:
+        raise BudgetError(f"sampling {what} = {n:,} responses at once is above the budget of {SAMPLE_BUDGET:,}; "
+                          "sample in several calls (e.g. fewer batches per call)")
+
+
 def sample(mdp: TokenMDP, policy, G: int, generator: torch.Generator, *, n_prompts: int = 1,
            prompt_idx: torch.Tensor | None = None, n_batches: int = 1) -> Rollouts:
     """``n_batches`` independent batches of ``n_prompts`` prompt draws (i.i.d. from ρ, or the given
     ``prompt_idx`` for every batch), each with G responses sampled from the policy."""
-    if not isinstance(G, int) or G < 1:
-        raise TPGError(f"group size G must be an int ≥ 1, got {G!r}")
-    if not isinstance(generator, torch.Generator):
-        raise TPGError("sample() needs an explicit torch.Generator (tpg never seeds globally)")
-    for name, v in (("n_prompts", n_prompts), ("n_batches", n_batches)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise TPGError(f"{name} must be an int ≥ 1, got {v!r}")
+    validate.mdp_and_policy(mdp, policy)
+    G = validate.integer("group size G", G, 1)
+    validate.generator("sample()'s generator", generator)
+    n_prompts, n_batches = validate.integer("n_prompts", n_prompts, 1), validate.integer("n_batches", n_batches, 1)
+    if prompt_idx is not None:
+        prompt_idx = validate.index_tensor("prompt_idx", prompt_idx, len(mdp.prompts))
+        n_prompts = len(prompt_idx)
+    _check_sample_size(n_batches * n_prompts * G, f"{n_batches} batch(es) × {n_prompts} prompt draw(s) × G={G}")
     if prompt_idx is None:
         rho = torch.as_tensor(mdp.prompt_probs)
         prompt_idx = torch.multinomial(rho, n_prompts * n_batches, replacement=True, generator=generator)
     else:
-        prompt_idx = torch.as_tensor(prompt_idx).long().repeat(n_batches)
-        n_prompts = len(prompt_idx) // n_batches
+        prompt_idx = prompt_idx.repeat(n_batches)
     slots = len(prompt_idx)
     pidx = prompt_idx.repeat_interleave(G)                                   # (slots·G,)
     B = len(pidx)
@@ -223,6 +357,9 @@ def sample(mdp: TokenMDP, policy, G: int, generator: torch.Generator, *, n_promp
 
 def greedy(mdp: TokenMDP, policy, prompt_idx: torch.Tensor) -> Rollouts:
     """The greedy (argmax, lowest-id tie-break) response to each prompt; deterministic given θ."""
+    validate.mdp_and_policy(mdp, policy)
+    prompt_idx = validate.index_tensor("prompt_idx", prompt_idx, len(mdp.prompts))
+    _check_sample_size(len(prompt_idx), f"{len(prompt_idx)} greedy responses")
     B = len(prompt_idx)
     tokens, mask, logp = decode(mdp, policy, prompt_idx, torch.zeros(B, 0, dtype=torch.long),
                                 torch.zeros(B, dtype=torch.long), greedy_pick)
@@ -235,14 +372,17 @@ def continuation_rm(mdp: TokenMDP, policy, ro: Rollouts, K: int, generator: torc
 
     Prefixes at or past the end of the response are complete: their entries are RM(y) exactly.
     """
-    if not isinstance(K, int) or K < 1:
-        raise TPGError(f"number of continuation rollouts K must be an int ≥ 1, got {K!r}")
+    validate.mdp_and_policy(mdp, policy)
+    validate.instance("ro", ro, Rollouts)
+    K = validate.integer("number of continuation rollouts K", K, 1)
+    validate.generator("continuation_rm()'s generator", generator)
     B, L = ro.tokens.shape
     t = torch.arange(L + 1)
     plen = torch.minimum(t[None, :].expand(B, L + 1), ro.lengths[:, None])  # (B, L+1) prefix lengths
     rows = torch.arange(B)[:, None].expand(B, L + 1)
     open_ = plen < ro.lengths[:, None]                                         # (B, L+1) prefixes to roll out
     r_idx, p_len = rows[open_], plen[open_]
+    _check_sample_size(len(r_idx) * K, f"{len(r_idx)} open prefixes × K={K} continuations")
     out = ro.rm[:, None, None].expand(B, L + 1, K).clone()                     # complete prefixes: RM(y)
     if len(r_idx):
         r_idx, p_len = r_idx.repeat_interleave(K), p_len.repeat_interleave(K)  # (n·K,)

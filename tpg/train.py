@@ -19,18 +19,17 @@ very estimators the exact engine verifies, tracking the exact objective J(θ) as
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from tpg import exact
+from tpg import exact, validate
 from tpg.draws import MonteCarloDraws, TableCritic, exact_critic
 from tpg.estimators import KL, estimator
 from tpg.estimators.core import ADVANTAGES, PRESETS
 from tpg.estimators.outcome import rewards_to_go
-from tpg.mdp import TokenMDP, TPGError, check_output_path, random_mdp
+from tpg.mdp import TokenMDP, TPGError, random_mdp
 from tpg.policies import LogLinear, make_policy
 from tpg.rollouts import Rollouts, response_log_prob, sample
 
@@ -73,7 +72,7 @@ def algo_names() -> list[str]:
 
 
 def get_algo(name: str) -> Algo:
-    if name not in algo_names():
+    if not (isinstance(name, str) and name in algo_names()):
         raise TPGError(f"unknown algorithm {name!r}; choose one of {algo_names()} "
                        "(e.g. tpg train --algo rloo)")
     return ALGOS[name]
@@ -86,11 +85,9 @@ def check_hyper(algo: str, steps, G, lr, min_steps: int = 0) -> Algo:
     """Validate the training hyperparameters (shared by ``train`` and the CLI, which checks them
     before pretraining so bad input never costs a pretraining run). Returns the algorithm."""
     spec = get_algo(algo)
-    for name, v, lo in (("steps", steps, min_steps), ("G", G, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise TPGError(f"{name} must be an int ≥ {lo}, got {v!r}")
-    if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise TPGError(f"learning rate must be a finite number > 0, got {lr!r}")
+    validate.integer("steps", steps, min_steps)
+    validate.integer("G", G, 1)
+    validate.real("learning rate", lr, 0.0, None, "(]")
     if spec.advantage in GROUP_ADVANTAGES and G < 2:
         raise TPGError(f"{algo} compares responses within a group: use G ≥ 2 (got G={G})")
     return spec
@@ -106,8 +103,8 @@ class LearnedTableCritic(TableCritic):
     """
 
     def __init__(self, mdp: TokenMDP, lr: float = 0.5, init: float = 0.0):
-        if not 0.0 < lr <= 1.0:
-            raise TPGError(f"critic learning rate must be in (0, 1], got {lr!r}")
+        validate.real("critic learning rate", lr, 0.0, 1.0, "(]")
+        validate.real("critic init", init)
         super().__init__(mdp, torch.full((mdp.num_states,), float(init), dtype=torch.float64))
         self.lr = float(lr)
 
@@ -140,6 +137,7 @@ def synthetic_language(mdp: TokenMDP, seed: int = 0, sharpness: float = 2.0) -> 
     logits(next | prev) = sharpness · ε[prev], ε ~ N(0, 1) per (prev, next); no position or
     prompt terms. Sample it with ``tpg.rollouts.sample``; enumerate it with ``tpg.exact``.
     """
+    validate.real("sharpness", sharpness, 0.0, None)
     lang = LogLinear(mdp, seed=seed, scale=sharpness)
     with torch.no_grad():
         lang.w_pos.zero_()
@@ -155,9 +153,13 @@ def pretrain_reference(mdp: TokenMDP, policy, steps: int, generator: torch.Gener
     ``synthetic_language(mdp)``, seed 0) and takes an Adam step on the mean negative log-likelihood
     per response. Returns the per-step losses.
     """
-    if not isinstance(steps, int) or steps < 0:
-        raise TPGError(f"pretraining steps must be an int ≥ 0, got {steps!r}")
+    validate.mdp_and_policy(mdp, policy)
+    validate.integer("pretraining steps", steps, 0)
+    validate.generator("generator", generator)
+    validate.real("pretraining lr", lr, 0.0, None, "(]")
+    validate.integer("batch_size", batch_size, 1)
     language = synthetic_language(mdp) if language is None else language
+    validate.mdp_and_policy(mdp, language, "language")
     opt = torch.optim.Adam(policy.parameters(), lr=lr)
     losses = []
     for _ in _progress(range(steps), progress, "pretrain"):
@@ -193,8 +195,11 @@ class TrainLog:
         return [(r["step"], r["J_exact"]) for r in self.records if r["J_exact"] is not None]
 
     def to_json(self, path: str) -> None:
-        with open(path, "w") as f:
-            json.dump({"config": self.config, "log": self.records}, f, indent=1)
+        try:
+            with open(path, "w") as f:
+                json.dump({"config": self.config, "log": self.records}, f, indent=1)
+        except OSError as e:
+            raise TPGError(f"cannot write the training log to {path}: {e}") from e
 
 
 def _progress(it, enabled: bool, desc: str):
@@ -224,12 +229,18 @@ def train(mdp: TokenMDP, policy, algo: str, steps: int, G: int = 4, lr: float = 
     Returns the ``TrainLog``; writes it as JSON to ``log_path`` when given.
     """
     spec = check_hyper(algo, steps, G, lr, min_steps=0)
-    for name, v, lo in (("n_prompts", n_prompts, 1), ("eval_every", eval_every, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise TPGError(f"{name} must be an int ≥ {lo}, got {v!r}")
+    validate.mdp_and_policy(mdp, policy)
+    validate.seed("seed", seed)
+    validate.integer("n_prompts", n_prompts, 1)
+    validate.integer("eval_every", eval_every, 1)
+    validate.real("critic_lr", critic_lr, 0.0, 1.0, "(]")
+    validate.choice("critic", critic, (None, "exact", "learned"))
+    validate.check_output_path(log_path, "log_path")
     if (ref is None) != (kl is None):
         raise TPGError("pass both ref= (a reference policy) and kl= (a KL or a coefficient β), or neither")
-    kl = KL(float(kl)) if isinstance(kl, (int, float)) else kl
+    if ref is not None:
+        validate.mdp_and_policy(mdp, ref, "ref")
+        kl = kl if isinstance(kl, KL) else KL(validate.real("kl (the coefficient β)", kl, 0.0, None))
     crit_kind = spec.critic if critic is None else critic
     if spec.critic is None and critic is not None:
         raise TPGError(f"{algo} uses no critic; critic= applies to ppo")
@@ -292,9 +303,8 @@ def run_cli(args) -> int:
     kind = args.policy
     lr = DEFAULT_LR[kind] if args.lr is None else args.lr
     algo = check_hyper(args.algo, args.steps, args.G, lr, min_steps=1).name   # validate before any work
-    if isinstance(args.seed, bool) or not isinstance(args.seed, int) or args.seed < 0:
-        raise TPGError(f"--seed must be an int ≥ 0, got {args.seed!r}")
-    check_output_path(args.json)
+    validate.seed("--seed", args.seed)
+    validate.check_output_path(args.json)
     mdp = demo_mdp(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     ref = make_policy(kind, mdp, seed=args.seed)

@@ -29,7 +29,7 @@ def gae_advantages(r: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, ga
     return adv
 
 
-@register_advantage("gae", needs={"values": True})
+@register_advantage("gae", needs={"values": True}, local=True, exchangeable=True, multilinear=True)
 def gae(ro: Rollouts, gamma: float = 1.0, lam: float = 1.0, whiten: bool = False,
         discount_weight: bool = False) -> torch.Tensor:
     """PPO advantage GAE(γ, λ) on the MDP's token rewards with the critic in ``extras["values"]``.

@@ -34,13 +34,13 @@ def rewards_to_go(r: torch.Tensor, gamma: float) -> torch.Tensor:
     return out
 
 
-@register_advantage("reinforce")
+@register_advantage("reinforce", local=True, exchangeable=True, multilinear=True)
 def reinforce(ro: Rollouts) -> torch.Tensor:
     """A_t = RM(x, y) on every token (Theorem 1's single-sample form; the Zero-Reward REINFORCE)."""
     return _tile(ro.rm, ro)
 
 
-@register_advantage("reinforce_oracle")
+@register_advantage("reinforce_oracle", local=True, exchangeable=True, multilinear=True)
 def reinforce_oracle(ro: Rollouts, gamma: float = 1.0, discount_weight: bool = True) -> torch.Tensor:
     """A_t = γ^(t-1) G_t with the TRUE token rewards-to-go G_t (Lemma 1 with Q replaced by its sample).
 
@@ -62,7 +62,7 @@ def with_baseline(ro: Rollouts, baseline: Callable[[Rollouts], torch.Tensor] | N
     return (ro.rm[:, None] - b) * ro.mask
 
 
-@register_advantage("grpo")
+@register_advantage("grpo", local=True, exchangeable=True, multilinear=True)
 def grpo(ro: Rollouts, std: bool = True, eps: float = 1e-6, ddof: int = 1) -> torch.Tensor:
     """A_i = (R_i − mean_g R) / (std_g R + ε) (verl ``compute_grpo_outcome_advantage``: Bessel std,
     ε = 1e-6; TRL uses ε = 1e-4). ``std=False`` is the Dr. GRPO advantage R_i − mean_g R. The mean
@@ -77,7 +77,7 @@ def grpo(ro: Rollouts, std: bool = True, eps: float = 1e-6, ddof: int = 1) -> to
     return _tile(a / (sd + eps) if std else a, ro)
 
 
-@register_advantage("rloo")
+@register_advantage("rloo", local=True, exchangeable=True, multilinear=True)
 def rloo(ro: Rollouts) -> torch.Tensor:
     """A_i = R_i − mean_{j≠i} R_j = G/(G−1)(R_i − mean_g R) (verl / TRL). Unbiased (baseline
     independent of y_i). A singleton group keeps A = R (verl's loop version)."""
@@ -88,15 +88,15 @@ def rloo(ro: Rollouts) -> torch.Tensor:
 
 def _outcome_token_rewards(ro: Rollouts) -> torch.Tensor:
     """(B, L) verl's token_level_rewards: the task RM on the last token, minus β·kl_t on every token
-    when a KL-in-reward term is on (``extras["kl_reward"]``; ``ro.rm`` then already has Σ_t subtracted)."""
-    kl = ro.extras.get("kl_reward")
+    when a KL-in-reward term is on (``ro.kl_reward``; ``ro.rm`` then already has Σ_t subtracted)."""
+    kl = ro.kl_reward
     task_rm = ro.rm if kl is None else ro.rm + kl.sum(1)                             # (B,)
     r = torch.zeros_like(ro.mask)
     r[torch.arange(ro.batch_size), (ro.lengths - 1).clamp(min=0)] = task_rm
     return (r if kl is None else r - kl) * ro.mask
 
 
-@register_advantage("remax", needs={"greedy": True})
+@register_advantage("remax", needs={"greedy": True}, local=True, exchangeable=True, multilinear=True)
 def remax(ro: Rollouts) -> torch.Tensor:
     """A_t = Σ_{k≥t} r_k − RM(ŷ_greedy) (verl ``compute_remax_outcome_advantage``): the reward-to-go
     of the outcome reward, i.e. RM(y) on every token when no KL is in the reward. Unbiased: ŷ is
@@ -104,7 +104,7 @@ def remax(ro: Rollouts) -> torch.Tensor:
     return (rewards_to_go(_outcome_token_rewards(ro), 1.0) - ro.extras["greedy_rm"][:, None]) * ro.mask
 
 
-@register_advantage("reinforce_pp")
+@register_advantage("reinforce_pp", local=True, exchangeable=True, multilinear=True)
 def reinforce_pp(ro: Rollouts, gamma: float = 1.0) -> torch.Tensor:
     """REINFORCE++: G_t = discounted reward-to-go of the outcome reward, whitened over the batch's
     tokens (verl ``compute_reinforce_plus_plus_outcome_advantage``). Batch mean includes the sample
@@ -113,7 +113,7 @@ def reinforce_pp(ro: Rollouts, gamma: float = 1.0) -> torch.Tensor:
     return masked_whiten(G, ro.mask, ro.batch, ro.n_batches)
 
 
-@register_advantage("reinforce_pp_baseline")
+@register_advantage("reinforce_pp_baseline", local=True, exchangeable=True, multilinear=True)
 def reinforce_pp_baseline(ro: Rollouts) -> torch.Tensor:
     """REINFORCE++-baseline: A_i = R_i − mean_g R tiled, then whitened over the batch (verl)."""
     mean, _, _ = group_stats(ro.rm, ro.group, ddof=1)

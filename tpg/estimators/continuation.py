@@ -16,9 +16,10 @@ from numbers import Integral
 
 import torch
 
+from tpg import validate
 from tpg.draws import _check_anchor_spec
 from tpg.estimators.core import masked_whiten, register_advantage
-from tpg.mdp import TPGError
+from tpg.mdp import BudgetError, TPGError
 from tpg.rollouts import Rollouts
 
 TREPO_VARIANTS = ("all", "subset", "interp", "chunk", "value_interp")
@@ -26,10 +27,15 @@ ANCHORED = ("subset", "interp", "chunk", "value_interp")
 
 
 # ------------------------------------------------------------------------------ plumbing
+MAX_K = 1_000_000     # continuations per prefix: the (B, L+1, K) returns must fit one batch
+
+
 def _check_K(K) -> int:
-    if isinstance(K, bool) or not isinstance(K, Integral) or K < 1:
-        raise TPGError(f"number of continuation rollouts K must be an int ≥ 1, got {K!r}")
-    return int(K)
+    K = validate.integer("number of continuation rollouts K", K, 1)
+    if K > MAX_K:
+        raise BudgetError(f"K={K:,} continuation rollouts per prefix is above the budget of {MAX_K:,} "
+                          "(extras['cont_rm'] holds B·(L+1)·K returns)")
+    return K
 
 
 def _check_trepo_options(variant: str, K: int, anchors) -> None:
@@ -91,7 +97,7 @@ def anchor_bounds(ro: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------ the math
-@register_advantage("trepo", needs=_trepo_needs, multilinear=True)
+@register_advantage("trepo", needs=_trepo_needs, local=True, exchangeable=True, multilinear=True)
 def trepo(ro: Rollouts, variant: str = "all", K: int = 1, anchors: dict | None = None,
           self_inclusive: bool = False) -> torch.Tensor:
     """TRePO: MC advantages from K fresh continuations (PAPER §4, built on Theorem 2), (B, L).
@@ -141,10 +147,9 @@ def trepo(ro: Rollouts, variant: str = "all", K: int = 1, anchors: dict | None =
 
 def _check_vineppo_options(K, step, max_steps) -> None:
     _check_K(K)
-    if isinstance(step, bool) or not isinstance(step, Integral) or step < 1:
+    if not (validate.is_int(step) and step >= 1):
         raise TPGError(f"VinePPO step size must be an int ≥ 1 (tokens per step), got {step!r}")
-    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, Integral)
-                                  or max_steps < 0):
+    if max_steps is not None and not (validate.is_int(max_steps) and max_steps >= 0):
         raise TPGError(f"max_steps must be None or an int ≥ 0 (0: a value for the first step only), got {max_steps!r}")
 
 
@@ -153,7 +158,8 @@ def _vineppo_needs(opts: dict) -> dict:
     return {"continuations": int(opts.get("K", 9))}
 
 
-@register_advantage("vineppo", needs=_vineppo_needs, multilinear=lambda opts: not opts.get("whiten", True))
+@register_advantage("vineppo", needs=_vineppo_needs, local=True, exchangeable=True,
+                    multilinear=lambda opts: not opts.get("whiten", True))
 def vineppo(ro: Rollouts, K: int = 9, step: int = 2, max_steps: int | None = None, whiten: bool = True
             ) -> torch.Tensor:
     """VinePPO's MC advantages on fixed-size token steps (ESTIMATORS.md §5; PAPER §4 reading 4), (B, L).
