@@ -261,11 +261,7 @@ CATALOGUE = [
     ("budget-report-groups", lambda: report(estimator("grpo"), BIG_GROUPS, BIG_POL, 2, route="multiset"), B,
      "response slots, above the budget"),
 ]
-BUDGET_XFAIL = {   # id → why this refusal is known to cost too much (strict: fixing it must remove the mark)
-    "budget-report-groups": "verify.report measures the round-off floor (an enumeration of all 265,720 responses, "
-                            "~220 MB) before exact.moments' O(1) batch-budget check refuses G = 2; report's body "
-                            "belongs to the engineer rewriting it",
-}
+BUDGET_XFAIL: dict[str, str] = {}   # id → why a refusal is known to cost too much (strict: a fix removes it)
 
 
 @pytest.mark.parametrize("call,error,fragment", [c[1:] for c in CATALOGUE], ids=[c[0] for c in CATALOGUE])

@@ -309,6 +309,21 @@ class Moments:
 
 
 ROUTES = ("auto", "keyed", "multiset", "joint")
+KEYED_FROM = 200_000     # route="auto" takes the keyed route only when the multiset route needs more slots
+
+
+def precheck(needs: dict, mdp: TokenMDP, G: int, n_prompts: int = 1, route: str = "auto", cov=None,
+             directions=None, budget: int | None = None) -> bool:
+    """Before anything is enumerated: whether the keyed route may apply, and, where only the
+    multiset or joint route can run, their O(1) batch-budget check (``tpg.batches.check_batch_budget``)."""
+    keyed_ok = G > 1 and n_prompts == 1 and not needs.get("continuations") and not needs.get("anchors") \
+        and directions is None and cov != "full"
+    if route == "keyed" and not keyed_ok:
+        raise TPGError("route='keyed' needs G ≥ 2, one prompt draw per batch, no continuations or random anchors, "
+                       "and cov None or 'trace' without directions")
+    if route in ("multiset", "joint") or not keyed_ok:
+        check_batch_budget(mdp, G, n_prompts, "joint" if route == "joint" else "multiset", budget)
+    return keyed_ok
 
 
 def moments(est, mdp: TokenMDP, policy, G: int = 1, *, n_prompts: int = 1, route: str = "auto",
@@ -344,13 +359,7 @@ def moments(est, mdp: TokenMDP, policy, G: int = 1, *, n_prompts: int = 1, route
     behaviour = policy if old_policy is None else old_policy
     needs = check_needs(dict(getattr(est, "needs", {}) or {}), f"estimator {getattr(est, 'name', est)!r}")
     check_compatible(mdp, policy)
-    keyed_ok = G > 1 and n_prompts == 1 and not needs.get("continuations") and not needs.get("anchors") \
-        and directions is None and cov != "full"
-    if route == "keyed" and not keyed_ok:
-        raise TPGError("route='keyed' needs G ≥ 2, one prompt draw per batch, no continuations or random anchors, "
-                       "and cov None or 'trace' without directions")
-    if route in ("multiset", "joint") or not keyed_ok:                        # before anything is enumerated
-        check_batch_budget(mdp, G, n_prompts, "joint" if route == "joint" else "multiset", budget)
+    keyed_ok = precheck(needs, mdp, G, n_prompts, route, cov, directions, budget)
     enum = enumerate_responses(mdp, budget)
     # One forward pass of θ with its graph: its values are the batches' log-probs, and the final
     # backward of Σ W·ℓ reuses it (so E[ĝ] costs about one forward + backward of the policy).
@@ -382,7 +391,10 @@ def moments(est, mdp: TokenMDP, policy, G: int = 1, *, n_prompts: int = 1, route
             if cov is not None:
                 out.cov_trace = sq - float(mean @ mean)
             return out
-        check_batch_budget(mdp, G, n_prompts, "multiset", budget)
+        try:
+            check_batch_budget(mdp, G, n_prompts, "multiset", budget)
+        except BudgetError as e:
+            raise BudgetError(f"{e} ({'; '.join(ev.notes) or 'the keyed route does not apply'})") from None
     route = "multiset" if route in ("auto", "keyed") else route
     if route == "multiset" and G > 1 and ev.state["exchangeable"] is False:
         route = "joint"
@@ -435,9 +447,12 @@ def _keyed(ev, tab, logp_new, logp_old, draws, needs, G, scores, cov, budget, ch
         kg = KeyedGroups(tab, logp_new, logp_old, draws, needs, G, others)
         size = kg.n_rows() + (kg.n_rows(pairs=True) if cov is not None else 0.0)
         multiset_size = sum(comb(n + G - 1, G) for n in n_resp) * G if max(n_resp) < 10**6 else float("inf")
-        if size > budget or (not force and size >= multiset_size):
+        # auto: keyed only where the multiset route is big (its key probe costs a few dozen evaluations)
+        if size > budget or (not force and (size >= multiset_size or multiset_size < KEYED_FROM)):
             if force and size > budget:
                 check_budget(size, budget, f"keyed groups G={G} (keys: {others})", "response slots")
+            if size > budget:
+                ev.notes.append(f"the keyed route with keys {others!r} would need {size:.3g} response slots")
             continue
         why = kg.probe(ev)
         if why is None:

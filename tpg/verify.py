@@ -86,6 +86,10 @@ def verdict_of(mean: torch.Tensor, grad: torch.Tensor, roundoff: float = 0.0, rt
     return "biased", rel, c, resid, cos     # incl. a zero or reversed expected update (c ≤ 0)
 
 
+def label_of(est) -> str:
+    return getattr(est, "name", None) or getattr(est, "__name__", None) or "estimator"
+
+
 def float64_reason(*policies) -> str | None:
     """Why exact verdicts are impossible for these policies (parameters not float64), or None."""
     for pol in policies:
@@ -149,6 +153,9 @@ def report(est, mdp: TokenMDP, policy, G: int = 1, *, name: str | None = None, c
     Other keyword arguments go to ``tpg.exact.moments`` (n_prompts, route, old_policy, critic, ref).
     """
     validate.report_options(est, mdp, policy, G, rtol=rtol, target=target, roundoff=roundoff, cov=cov, **kw)
+    from tpg.estimators.core import check_needs
+    exact.precheck(check_needs(dict(getattr(est, "needs", {}) or {}), f"estimator {label_of(est)!r}"), mdp, G,
+                   kw.get("n_prompts", 1), kw.get("route", "auto"), cov, kw.get("directions"), kw.get("budget"))
     grad = exact.gradient(mdp, policy) if target is None else target
     delta = roundoff_floor(mdp, policy, None if target is not None else grad) if roundoff is None else float(roundoff)
     mo = exact.moments(est, mdp, policy, G, cov=cov, **kw)
@@ -160,7 +167,7 @@ def report(est, mdp: TokenMDP, policy, G: int = 1, *, name: str | None = None, c
         notes.append(why)
     elif v == "inconclusive":
         notes.append(f"round-off δ = {delta:.1e} exceeds rtol/100 = {rtol / 100:.0e}: no verdict to rtol {rtol:g}")
-    label = name or getattr(est, "name", None) or getattr(est, "__name__", "estimator")
+    label = name or label_of(est)
     return Report(label, grad, mo.mean, mo.mean - grad, rel, c, resid, cos, v, delta, mo.cov_trace, tuple(notes))
 
 

@@ -181,6 +181,10 @@ def t11(ex: Exact) -> Outcome:
        "PAPER §3.2 (1), §7.12", "scaled", mdp={"n_prompts": 2})
 def t12(ex: Exact, Gs: tuple = (2, 3, 4)) -> Outcome:
     reps, checks, m = mean_only_grpo(ex, Gs)
+    # A practitioner's group size, G = 16, on two prompts with binary rewards (the keyed route).
+    kind = {"TabularSoftmax": "tabular", "LogLinear": "loglinear", "GPT2Policy": "gpt2"}[type(ex.pol).__name__]
+    big, bchecks, bm = mean_only_grpo(with_policy(binary_mdp(ex.seed, (6, 4)), ex.seed, kind), (16,))
+    reps, checks, m, Gs = reps + big, checks + bchecks, {**m, **bm}, Gs + (16,)
     cs = ", ".join(f"{r.scale:.6g}" for _, r in reps)
     return true_outcome(combine([est_verdict(r) for _, r in reps]), checks,
                         f"c = {cs} for G = {', '.join(map(str, Gs))}; |c − (1 − 1/G)| ≤ {max(c.value for c in checks):.1e}", m)
@@ -191,7 +195,7 @@ def t12(ex: Exact, Gs: tuple = (2, 3, 4)) -> Outcome:
 def t13(ex: Exact) -> Outcome:
     eps = 1e-4
     p = ex.tab.J                                                             # P(RM = 1)
-    reps = [(G, ex.report(estimator("grpo", eps=eps, ddof=1), G)) for G in (2, 3)]
+    reps = [(G, ex.report(estimator("grpo", eps=eps, ddof=1), G)) for G in (2, 3, 16)]   # G = 16: keyed route
     checks, m = [], {"success_rate": p, "eps": eps}
     for G, r in reps:
         kappa = grpo_kappa(p, G, eps)
