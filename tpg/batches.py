@@ -56,16 +56,18 @@ class PropertyError(TPGError):
 
 
 def stack(enum: Rollouts, ids: torch.Tensor, G: int, n_prompts: int, logp: torch.Tensor,
-          logp_old: torch.Tensor) -> Rollouts:
+          logp_old: torch.Tensor, logp_rollout: torch.Tensor | None = None) -> Rollouts:
     """Batches as rows of ``enum``: ids (b, n_prompts·G) response rows → one ``Rollouts`` whose
-    group = (batch, prompt slot) and batch = row of ``ids``."""
+    group = (batch, prompt slot) and batch = row of ``ids``. ``logp_rollout`` (N, L): log μ of the
+    policy the batches are drawn from (default ``logp_old``: drawn from θ_old)."""
     b, width = ids.shape
     rows = ids.reshape(-1)                                                   # (b·width,)
     slot = torch.arange(width) // G                                          # (width,) prompt slot
     group = (torch.arange(b)[:, None] * n_prompts + slot[None, :]).reshape(-1)
     batch = torch.arange(b).repeat_interleave(width)
     return replace(enum.select(rows), group=group, batch=batch, n_batches=b, logp=logp[rows],
-                   logp_old=logp_old[rows], response_id=rows)
+                   logp_old=logp_old[rows], response_id=rows,
+                   logp_rollout=(logp_old if logp_rollout is None else logp_rollout)[rows])
 
 
 def take_batches(ro: Rollouts, which: list[int]) -> Rollouts:
@@ -161,13 +163,15 @@ def batch_outcomes(tab: Tables, G: int, n_prompts: int = 1, route: str = "multis
 class ExactBatches:
     """Every possible batch of ``n_prompts`` prompt draws (i.i.d. from ρ) × G responses, with its
     probability, in chunks of about ``chunk_rows`` rows; responses drawn from ``tab`` (the
-    behaviour policy's response probabilities), log-probs ``logp``/``logp_old`` (N, L) per response."""
+    behaviour policy's response probabilities), log-probs ``logp``/``logp_old`` (N, L) per response,
+    and ``logp_rollout`` (N, L) of the behaviour policy μ itself (default ``logp_old``)."""
 
     def __init__(self, tab, logp, logp_old, draws, needs: dict, G: int, n_prompts: int = 1,
-                 route: str = "multiset", budget: int | None = None, chunk_rows: int = 200_000):
+                 route: str = "multiset", budget: int | None = None, chunk_rows: int = 200_000,
+                 logp_rollout: torch.Tensor | None = None):
         self.tab, self.draws, self.needs, self.G, self.n_prompts, self.route = tab, draws, needs, G, n_prompts, route
         self.enum = replace(tab.enum, mdp=tab.mdp)
-        self.logp, self.logp_old = logp, logp_old
+        self.logp, self.logp_old, self.logp_rollout = logp, logp_old, logp_rollout
         self.ids, self.probs = batch_outcomes(tab, G, n_prompts, route, budget)
         self.per_chunk = max(1, chunk_rows // self.ids.shape[1])
 
@@ -178,26 +182,37 @@ class ExactBatches:
     def __iter__(self):
         for lo in range(0, len(self.ids), self.per_chunk):
             ids, p = self.ids[lo: lo + self.per_chunk], self.probs[lo: lo + self.per_chunk]
-            ro = stack(self.enum, ids, self.G, self.n_prompts, self.logp, self.logp_old)
+            ro = stack(self.enum, ids, self.G, self.n_prompts, self.logp, self.logp_old, self.logp_rollout)
             ro, factor = self.draws.fill(ro, self.needs)
             yield Chunk(ro, p.repeat_interleave(ro.n_batches // len(ids)) * factor)
 
 
 class SampledBatches:
-    """``n_batches`` independent sampled batches (``tpg.rollouts.sample``), each of weight 1/n, scored
-    under ``policy`` (the sampler's log-probs are the behaviour log-probs)."""
+    """``n_batches`` independent sampled batches (``tpg.rollouts.sample``), each of weight 1/n, drawn
+    from ``rollout_policy`` μ (default ``old_policy``, default ``policy``) and scored under ``policy``
+    and ``old_policy``; the sampler's log-probs are ``logp_rollout`` (as ``ExactBatches``)."""
 
     def __init__(self, mdp: TokenMDP, policy, draws, needs: dict, G: int, n_batches: int,
-                 generator: torch.Generator, n_prompts: int = 1, chunk_batches: int | None = None):
+                 generator: torch.Generator, n_prompts: int = 1, chunk_batches: int | None = None,
+                 old_policy=None, rollout_policy=None):
         self.mdp, self.policy, self.draws, self.needs, self.G = mdp, policy, draws, needs, G
         self.n, self.generator, self.n_prompts = n_batches, generator, n_prompts
         self.chunk = n_batches if chunk_batches is None else chunk_batches
+        self.old_policy = old_policy
+        self.sampler = rollout_policy if rollout_policy is not None else (policy if old_policy is None else old_policy)
 
     def __iter__(self):
         from tpg.rollouts import sample
         for lo in range(0, self.n, self.chunk):
             b = min(self.chunk, self.n - lo)
-            ro = sample(self.mdp, self.policy, self.G, self.generator, n_prompts=self.n_prompts, n_batches=b)
+            ro = sample(self.mdp, self.sampler, self.G, self.generator, n_prompts=self.n_prompts, n_batches=b)
+            ro = replace(ro, logp_rollout=ro.logp_old)                       # the sampler's log μ
+            if self.sampler is not self.policy:                              # score under θ and θ_old
+                with torch.no_grad():
+                    lp = (self.policy.token_log_probs(ro.prompt_idx, ro.tokens) * ro.mask).to(torch.float64)
+                    old = lp if self.old_policy is None else \
+                        (self.old_policy.token_log_probs(ro.prompt_idx, ro.tokens) * ro.mask).to(torch.float64)
+                ro = replace(ro, logp=lp, logp_old=old)
             ro, factor = self.draws.fill(ro, self.needs)
             yield Chunk(ro, factor / self.n)
 

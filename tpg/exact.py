@@ -328,15 +328,17 @@ def precheck(needs: dict, mdp: TokenMDP, G: int, n_prompts: int = 1, route: str 
 
 def moments(est, mdp: TokenMDP, policy, G: int = 1, *, n_prompts: int = 1, route: str = "auto",
             old_policy=None, critic=None, ref=None, cov: str | None = None, budget: int | None = None,
-            chunk_rows: int = 200_000, directions: torch.Tensor | None = None) -> Moments:
+            chunk_rows: int = 200_000, directions: torch.Tensor | None = None, rollout_policy=None) -> Moments:
     """Exact E[ĝ] (and Cov[ĝ] on request: cov="trace" or "full") of an estimator:
 
         E[ĝ] = Σ_batches P(batch) ĝ(batch),   ĝ(batch) = Σ_{i,t} c[i,t] ∇ℓ_{i,t}.
 
     ``est`` is any callable ``est(rollouts) -> EstimatorOutput | loss`` (an ``Estimator`` or a user
     function); its optional ``needs`` attribute requests extra draws. Batches come from
-    ``tpg.batches.ExactBatches`` (drawn from ``old_policy``, default ``policy``, and scored under
-    ``policy``, so θ ≠ θ_old is covered); ``tpg.batches.Evaluator`` gives each batch's coefficients
+    ``tpg.batches.ExactBatches`` (drawn from ``rollout_policy`` μ, default ``old_policy``, default
+    ``policy``, and scored under ``policy`` and ``old_policy``: three policies, ``ro.logp`` /
+    ``ro.logp_old`` / ``ro.logp_rollout``, so θ ≠ θ_old and a rollout engine μ ≠ θ_old are
+    covered); ``tpg.batches.Evaluator`` gives each batch's coefficients
     with the engine's shortcuts checked on this estimator (batch-locality, exchangeability for the
     multiset route — else the joint route runs —, multilinearity when continuation returns are
     replaced by U). By linearity the per-response sums W[n, t] = Σ P(batch) c (DESIGN §2) give
@@ -356,7 +358,7 @@ def moments(est, mdp: TokenMDP, policy, G: int = 1, *, n_prompts: int = 1, route
         raise TPGError(f"route must be one of {ROUTES}, got {route!r}")
     if not callable(est):
         raise TPGError(f"est must be an estimator (tpg.estimator(...)) or a callable est(rollouts) -> loss, got {est!r}")
-    behaviour = policy if old_policy is None else old_policy
+    behaviour = rollout_policy if rollout_policy is not None else (policy if old_policy is None else old_policy)
     needs = check_needs(dict(getattr(est, "needs", {}) or {}), f"estimator {getattr(est, 'name', est)!r}")
     check_compatible(mdp, policy)
     keyed_ok = precheck(needs, mdp, G, n_prompts, route, cov, directions, budget)
@@ -371,9 +373,17 @@ def moments(est, mdp: TokenMDP, policy, G: int = 1, *, n_prompts: int = 1, route
         check_compatible(mdp, old_policy)
         with torch.no_grad():
             logp_old = (old_policy.token_log_probs(enum.prompt_idx, enum.tokens) * enum.mask).to(torch.float64)
+    logp_rollout = logp_old                                                            # (N, L) log μ
+    if rollout_policy is not None:
+        check_compatible(mdp, rollout_policy)
+        if route == "keyed":
+            raise TPGError("route='keyed' does not take a rollout_policy (its key probe assumes μ = θ_old)")
+        keyed_ok = False
+        with torch.no_grad():
+            logp_rollout = (rollout_policy.token_log_probs(enum.prompt_idx, enum.tokens) * enum.mask).to(torch.float64)
     # Full tables (U for the continuation returns) only when the estimator reads continuations.
     tab = tables(mdp, behaviour, enum) if needs.get("continuations") else \
-        ResponseProbs(mdp, enum, prompt_weights(mdp, enum) * logp_old.sum(1).exp())
+        ResponseProbs(mdp, enum, prompt_weights(mdp, enum) * logp_rollout.sum(1).exp())
     draws = ExactDraws(tab, policy, critic=critic, ref=ref)
     want_cov = cov is not None and not needs.get("continuations")
     scores = None
@@ -400,7 +410,8 @@ def moments(est, mdp: TokenMDP, policy, G: int = 1, *, n_prompts: int = 1, route
         route = "joint"
     while True:
         try:
-            source = ExactBatches(tab, logp_new, logp_old, draws, needs, G, n_prompts, route, budget, chunk_rows)
+            source = ExactBatches(tab, logp_new, logp_old, draws, needs, G, n_prompts, route, budget, chunk_rows,
+                                  logp_rollout=logp_rollout)
             W, sq, second, raw = _accumulate(source, ev, enum, scores, cov, route)
             break
         except _Reroute:

@@ -77,6 +77,7 @@ class Rollouts:
     extras: dict = field(default_factory=dict)
     kl_reward: torch.Tensor | None = None  # (B, L) β·kl_t subtracted from the rewards (KL in the reward)
     mdp: TokenMDP | None = None         # the MDP the responses come from (context for estimators)
+    logp_rollout: torch.Tensor | None = None  # (B, L) log μ of the policy that sampled them (the rollout engine), detached
 
     def __post_init__(self):
         if not isinstance(self.extras, Extras):
@@ -119,14 +120,16 @@ class Rollouts:
         out = replace(self, prompt_idx=self.prompt_idx[rows], tokens=self.tokens[rows], mask=self.mask[rows],
                       token_rewards=self.token_rewards[rows], rm=self.rm[rows], group=self.group[rows],
                       batch=self.batch[rows], logp=pick(self.logp), logp_old=pick(self.logp_old),
-                      response_id=pick(self.response_id), extras=ex, kl_reward=pick(self.kl_reward))
+                      response_id=pick(self.response_id), extras=ex, kl_reward=pick(self.kl_reward),
+                      logp_rollout=pick(self.logp_rollout))
         return replace(out, **changes)
 
     def score(self, policy) -> "Rollouts":
-        """Attach log π_θ of the sampled tokens (with autograd to θ); logp_old defaults to it, detached."""
+        """Attach log π_θ of the sampled tokens (with autograd to θ); logp_old defaults to it, detached,
+        and logp_rollout to logp_old (the batch was sampled by θ_old)."""
         logp = policy.token_log_probs(self.prompt_idx, self.tokens) * self.mask   # (B, L)
         old = logp.detach() if self.logp_old is None else self.logp_old
-        return replace(self, logp=logp, logp_old=old)
+        return replace(self, logp=logp, logp_old=old, logp_rollout=old if self.logp_rollout is None else self.logp_rollout)
 
 
 def _finish(mdp: TokenMDP, prompt_idx, tokens, mask, group, batch, n_batches, logp_old=None, response_id=None):

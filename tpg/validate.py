@@ -230,7 +230,9 @@ def policy(name: str, x):
     if not (isinstance(x, torch.nn.Module) and all(hasattr(x, a) for a in _POLICY_ATTRS)):
         _fail(name, "a tpg policy (e.g. tpg.TabularSoftmax(mdp))", x, type_error=True)
     for pname, p in x.named_parameters():
-        if (p.is_floating_point() or p.is_complex()) and not bool(torch.isfinite(p.detach()).all()):
+        # one reduction (a NaN/inf makes the sum non-finite); the elementwise test only confirms
+        if (p.is_floating_point() or p.is_complex()) and not bool(torch.isfinite(p.detach().sum())) \
+                and not bool(torch.isfinite(p.detach()).all()):
             raise TPGError(f"{name} has NaN or inf parameters ({type(x).__name__}.{pname}); "
                            "rebuild it or reset the parameters")
     return x

@@ -150,7 +150,8 @@ def report(est, mdp: TokenMDP, policy, G: int = 1, *, name: str | None = None, c
     ``target`` replaces ∇J when a claim compares with another exact vector (e.g. ∇(J − β KL)).
     ``roundoff`` passes a δ already measured by ``roundoff_floor(mdp, policy)`` (callers that make
     many reports on one MDP and policy measure it once).
-    Other keyword arguments go to ``tpg.exact.moments`` (n_prompts, route, old_policy, critic, ref).
+    Other keyword arguments go to ``tpg.exact.moments`` (n_prompts, route, old_policy, rollout_policy,
+    critic, ref).
     """
     validate.report_options(est, mdp, policy, G, rtol=rtol, target=target, roundoff=roundoff, cov=cov, **kw)
     from tpg.estimators.core import check_needs
@@ -159,7 +160,7 @@ def report(est, mdp: TokenMDP, policy, G: int = 1, *, name: str | None = None, c
     grad = exact.gradient(mdp, policy) if target is None else target
     delta = roundoff_floor(mdp, policy, None if target is not None else grad) if roundoff is None else float(roundoff)
     mo = exact.moments(est, mdp, policy, G, cov=cov, **kw)
-    why = float64_reason(policy, kw.get("old_policy"))
+    why = float64_reason(policy, kw.get("old_policy"), kw.get("rollout_policy"))
     v, rel, c, resid, cos = verdict_of(mo.mean, grad, delta, rtol)
     notes = list(mo.notes) + [f"batches enumerated by route {mo.route!r} ({mo.n_outcomes:,} batches)"]
     if why is not None:
@@ -247,10 +248,11 @@ def default_directions(policy, target: torch.Tensor, K: int | None = None, seed:
 
 def mc_batches(est, mdp: TokenMDP, policy, G: int, n_batches: int, generator: torch.Generator,
                directions: torch.Tensor, *, n_prompts: int = 1, critic=None, ref=None,
-               chunk_batches: int = 4096) -> np.ndarray:
+               chunk_batches: int = 4096, old_policy=None, rollout_policy=None) -> np.ndarray:
     """(n_batches, K) ⟨u_k, ĝ_b⟩ for independent sampled batches b: the sampler path end to end
     (``tpg.batches.SampledBatches`` with ``MonteCarloDraws``, the estimator's coefficients with its
-    batch-locality checked, ``tpg.scores.projected_scores``)."""
+    batch-locality checked, ``tpg.scores.projected_scores``); batches drawn from ``rollout_policy``
+    (default ``old_policy``, default ``policy``), as in ``tpg.exact.moments``."""
     from tpg.batches import Evaluator, SampledBatches
     from tpg.draws import MonteCarloDraws
     from tpg.estimators.core import check_needs
@@ -258,7 +260,8 @@ def mc_batches(est, mdp: TokenMDP, policy, G: int, n_batches: int, generator: to
     needs = check_needs(dict(getattr(est, "needs", {}) or {}), f"estimator {getattr(est, 'name', est)!r}")
     draws = MonteCarloDraws(mdp, policy, generator, critic=critic, ref=ref)
     ev, out = Evaluator(est), []
-    for chunk in SampledBatches(mdp, policy, draws, needs, G, n_batches, generator, n_prompts, chunk_batches):
+    for chunk in SampledBatches(mdp, policy, draws, needs, G, n_batches, generator, n_prompts, chunk_batches,
+                                old_policy=old_policy, rollout_policy=rollout_policy):
         ro = chunk.ro
         c = ev.coefficients(chunk)                                                           # (B, L)
         s = projected_scores(policy, ro, directions)                                         # (B, L, K)

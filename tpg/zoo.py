@@ -10,23 +10,33 @@ exact engine needs no change:
   ``dp_size``, TRL ``dapo``'s ``num_items_in_batch``) — the update equals the unsplit one;
   ``norm="local"``: each part normalised by its own count and the k gradients averaged (TRL
   ``bnpo``/``grpo`` with ``loss / gradient_accumulation_steps``, DDP's average over ranks).
-- ``Configured(est, rollout_is=mode, C=...)``: the rollout engine samples from μ ≠ π. Draw the batches
-  from μ with ``report(..., old_policy=mu)``: ``ro.logp_old`` then holds μ's log-probs; the trainer
-  recomputes its own old log-probs (θ_old = θ on the first mini-batch, so the PPO ratio is 1) and
-  multiplies each token's loss by the detached IS weight: "token_truncate" min(ρ_t, C) (verl
-  ``rollout_is="token"``, TIS), "token_mask" ρ_t·[ρ_t ≤ C] (IcePop-style; TRL "token_mask"),
-  "sequence_truncate" min(Π_t ρ_t, C) (verl ``rollout_is="sequence"``), "sequence_mask"
-  Π_t ρ_t·[Π ρ ≤ C] (TRL's default "sequence_mask"), or "none" (mismatch ignored); ρ_t = π/μ.
-  The target is ∇J(π).
+- three policies (``report(..., policy=θ, old_policy=θ_old, rollout_policy=μ)``): the batches are
+  drawn from the rollout engine μ (``ro.logp_rollout``), the trainer recomputes θ_old's log-probs
+  (``ro.logp_old``: the PPO ratio's denominator) and trains θ (``ro.logp``). Every library's
+  correction weighs each token's loss by a detached function of ρ = π_old/μ (verl
+  ``rollout_corr_helper``, TRL ``_generate_and_score_completions``, OpenRLHF ``PolicyLoss``):
+  ``Configured(est, rollout_is=mode, C=..., C_min=...)`` with "token_truncate" clamp(ρ_t, C_min, C)
+  (TIS; verl ``rollout_is="token"``, TRL "token_truncate", OpenRLHF "tis"), "token_mask"
+  ρ_t·[C_min ≤ ρ_t ≤ C] (IcePop; verl's "lower_upper" threshold, TRL "token_mask", OpenRLHF
+  "icepop"), "sequence_truncate" / "sequence_mask" the same on Π_t ρ_t (verl
+  ``rollout_is="sequence"``, TRL's default "sequence_mask"), "seq_mask_tis" ρ_t·[C_min ≤
+  exp(mean_t log ρ_t) ≤ C] (OpenRLHF), or "none" (the mismatch ignored). ``rollout_rs`` (verl's
+  grammar, e.g. "token_k1,seq_mean_k3") rejects tokens / sequences before the advantage is
+  computed (verl edits ``response_mask``); ``bypass=True`` is verl's bypass mode (θ_old := μ);
+  ``off_policy_mask=δ`` is TRL's off-policy sequence mask. The target is ∇J(θ). The façades
+  ``verl_rollout_correction``, ``trl_grpo`` and ``openrlhf_vllm_is`` take each library's options.
 - ``Configured(est, kl=(β, kind, where))``: any verl KL type (k1, abs, k2, k3 and the "+"
   straight-through forms), in the reward (detached, on the behaviour log-probs, verl
-  ``apply_kl_penalty``) or in the loss (aggregated like the policy loss, verl ``use_kl_loss``).
+  ``apply_kl_penalty``) or in the loss (aggregated like the policy loss, verl ``use_kl_loss``);
+  ``kl_ratio="token"`` multiplies the KL term by the (attached) PPO ratio π/π_old (TRL
+  ``use_bias_correction_kl``).
 - several PPO epochs need no wrapper: ``report(est, mdp, policy=θ, old_policy=θ_old)``.
 
 ``run_zoo`` builds the verdict matrix (``tpg zoo``), ``to_markdown`` renders it for the README.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import time
@@ -42,8 +52,11 @@ from tpg.estimators import openrlhf as O  # noqa: F401  (registration)
 from tpg.mdp import TPGError
 from tpg.rollouts import Rollouts
 
-IS_MODES = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+IS_MODES = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "seq_mask_tis")
 NORMS = ("global", "local")
+# verl rollout_corr_helper.SUPPORTED_ROLLOUT_RS_OPTIONS
+VERL_RS_OPTIONS = ("token_k1", "token_k2", "token_k3", "seq_sum_k1", "seq_sum_k2", "seq_sum_k3", "seq_mean_k1",
+                   "seq_mean_k2", "seq_mean_k3", "seq_max_k2", "seq_max_k3")
 
 
 def _within_batch_position(ro: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,18 +69,83 @@ def _within_batch_position(ro: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
     return pos, size[ro.batch]
 
 
+def parse_verl_rs(rollout_rs: str, threshold) -> list[tuple[str, float | None, float]]:
+    """verl ``_parse_rollout_rs_thresholds``: [(option, lower, upper)] for a comma-separated
+    ``rollout_rs`` and one shared threshold or one per option; k1 options take "lower_upper" (a
+    single upper u means [1/u, u]), the others a single upper bound."""
+    if not isinstance(rollout_rs, str) or not rollout_rs.strip():
+        raise TPGError(f"rollout_rs must be a non-empty string such as 'token_k1' or 'seq_mean_k3,token_k1', got {rollout_rs!r}")
+    opts = list(dict.fromkeys(o.strip() for o in rollout_rs.split(",") if o.strip()))
+    for o in opts:
+        if o not in VERL_RS_OPTIONS:
+            raise TPGError(f"invalid rollout_rs option {o!r}; verl's options are {VERL_RS_OPTIONS}")
+    if threshold is None:
+        raise TPGError("rollout_rs_threshold must be given when rollout_rs is (verl raises too)")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, str)):
+        raise TPGError(f"rollout_rs_threshold must be a number or a string, got {threshold!r}")
+    specs = [str(threshold)] if not isinstance(threshold, str) else [x.strip() for x in threshold.split(",") if x.strip()]
+    if len(specs) not in (1, len(opts)):
+        raise TPGError(f"rollout_rs_threshold needs one threshold or {len(opts)} (one per option), got {threshold!r}")
+    specs = specs * len(opts) if len(specs) == 1 else specs
+    out = []
+    for o, sp in zip(opts, specs):
+        try:
+            if o.endswith("k1"):
+                lo, hi = (float(x) for x in sp.split("_", 1)) if "_" in sp else (1.0 / float(sp), float(sp))
+            elif "_" in sp:
+                raise TPGError(f"rollout_rs_threshold for {o!r} is a single upper bound, got {sp!r}")
+            else:
+                lo, hi = None, float(sp)
+        except ValueError:
+            raise TPGError(f"invalid numeric threshold {sp!r} for rollout_rs option {o!r}") from None
+        if hi <= 0 or (lo is not None and (lo <= 0 or lo > hi)):
+            raise TPGError(f"thresholds for {o!r} must be positive with lower ≤ upper, got {sp!r}")
+        out.append((o, lo, hi))
+    return out
+
+
+def verl_rs_keep(log_r: torch.Tensor, mask: torch.Tensor, parsed) -> torch.Tensor:
+    """(B, L) 0/1 keep mask of verl ``compute_rollout_rejection_mask`` on log_r = log π_old/μ:
+    token_k1 = −log_r in [log lo, log hi]; k2 = ½log_r² ≤ u; k3 = e^{log_r} − 1 − log_r ≤ u; seq_sum /
+    seq_mean / seq_max of a token statistic over the valid tokens; all options must pass."""
+    lr = torch.clamp(log_r, -20.0, 20.0)
+    stats = {"k1": -lr, "k2": 0.5 * lr**2, "k3": torch.exp(lr) - 1.0 - lr}
+    n = mask.sum(1, keepdim=True)
+    keep = torch.ones_like(mask)
+    for opt, lo, hi in parsed:
+        level, k = opt.rsplit("_", 1)
+        x = stats[k]
+        if level == "seq_sum":
+            x = (x * mask).sum(1, keepdim=True)
+        elif level == "seq_mean":
+            x = (x * mask).sum(1, keepdim=True) / n.clamp(min=1.0)
+        elif level == "seq_max":
+            x = torch.where(mask > 0, x, torch.full_like(x, -math.inf)).max(1, keepdim=True).values
+        ok = (x >= math.log(lo)) & (x <= math.log(hi)) if k == "k1" else (x <= hi)
+        keep = keep * ok.to(mask.dtype).expand_as(mask)
+    return keep
+
+
 @dataclass(frozen=True)
 class Configured:
     """A tpg ``Estimator`` run under a training setting (module docstring): ``split`` parts with a
-    ``norm`` convention, a rollout-mismatch correction ``rollout_is`` with cap ``C``, and a verl KL
-    term ``kl = (β, kind, where)``. Callable: ``est(ro) -> loss``, as ``tpg.report`` expects."""
+    ``norm`` convention; a rollout-engine correction ``rollout_is`` with bounds ``C_min``/``C`` on
+    ρ = π_old/μ, verl's rejection ``rollout_rs``/``rollout_rs_threshold``, verl's ``bypass`` mode,
+    TRL's ``off_policy_mask`` δ; a KL term ``kl = (β, kind, where)`` (``kl_ratio``: TRL's
+    bias-corrected KL). Callable: ``est(ro) -> loss``, as ``tpg.report`` expects."""
     est: Estimator
     split: int = 1
     norm: str = "global"
     rollout_is: str | None = None
-    C: float = 2.0
+    C: float | None = 2.0
     kl: tuple | None = None
     name: str = ""
+    C_min: float | None = None
+    rollout_rs: str | None = None
+    rollout_rs_threshold: object = None
+    bypass: bool = False
+    off_policy_mask: float | None = None
+    kl_ratio: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.est, Estimator):
@@ -78,22 +156,42 @@ class Configured:
             raise TPGError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if self.rollout_is is not None and self.rollout_is not in IS_MODES:
             raise TPGError(f"rollout_is must be None or one of {IS_MODES}, got {self.rollout_is!r}")
-        if not (isinstance(self.C, (int, float)) and self.C > 0):
-            raise TPGError(f"the IS cap C must be a number > 0, got {self.C!r}")
+        for nm, v in (("C", self.C), ("C_min", self.C_min)):
+            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0):
+                raise TPGError(f"the IS bound {nm} must be None or a number > 0, got {v!r}")
+        if self.C is not None and self.C_min is not None and self.C_min > self.C:
+            raise TPGError(f"the IS bounds need C_min ≤ C, got C_min={self.C_min}, C={self.C}")
+        if self.rollout_rs is not None:
+            object.__setattr__(self, "_rs", parse_verl_rs(self.rollout_rs, self.rollout_rs_threshold))
+        if self.bypass and self.rollout_is is not None:
+            raise TPGError("bypass mode computes its IS weights inside the loss (verl.bypass_mode): leave rollout_is None")
+        if self.off_policy_mask is not None and not isinstance(self.off_policy_mask, (int, float)):
+            raise TPGError(f"off_policy_mask is TRL's δ (a number), got {self.off_policy_mask!r}")
+        if self.kl_ratio not in (None, "token", "sequence"):
+            raise TPGError(f"kl_ratio must be None, 'token' or 'sequence', got {self.kl_ratio!r}")
         if self.kl is not None:
             if self.est.kl is not None:
                 raise TPGError("give the KL either to the estimator or to Configured, not both")
             beta, kind, where = self.kl
             if kind not in V.VERL_KL or where not in ("reward", "loss") or not beta >= 0:
                 raise TPGError(f"kl must be (β ≥ 0, kind in {V.VERL_KL}, 'reward' | 'loss'), got {self.kl!r}")
+        if self.kl_ratio is not None and not (self.kl is not None and self.kl[2] == "loss"):
+            raise TPGError("kl_ratio multiplies a KL term in the loss: give kl=(β, kind, 'loss') too")
         if not self.name:
             parts = [self.est.name]
             if self.split > 1:
                 parts.append(f"split={self.split}/{self.norm}")
             if self.rollout_is is not None:
-                parts.append(f"IS={self.rollout_is}(C={self.C:g})")
+                b = f"C={self.C:g}" if self.C is not None else "C=∞"
+                parts.append(f"IS={self.rollout_is}({b}" + (f", C_min={self.C_min:g})" if self.C_min else ")"))
+            if self.rollout_rs is not None:
+                parts.append(f"RS={self.rollout_rs}({self.rollout_rs_threshold})")
+            if self.bypass:
+                parts.append("bypass")
+            if self.off_policy_mask is not None:
+                parts.append(f"OPSM(δ={self.off_policy_mask:g})")
             if self.kl is not None:
-                parts.append(f"KL={self.kl[1]}@{self.kl[2]}(β={self.kl[0]:g})")
+                parts.append(f"KL={self.kl[1]}@{self.kl[2]}(β={self.kl[0]:g})" + ("·ratio" if self.kl_ratio else ""))
             object.__setattr__(self, "name", " ".join(parts))
 
     @property
@@ -107,24 +205,39 @@ class Configured:
     def __call__(self, ro: Rollouts) -> torch.Tensor:
         if ro.logp is None:
             raise TPGError("the rollouts carry no log-probs: call ro.score(policy) first")
-        token_w = torch.ones_like(ro.mask)
-        if self.rollout_is is not None:
-            token_w = self._is_weights(ro)                                           # (B, L) detached
-            ro = replace(ro, logp_old=ro.logp.detach())                              # trainer's θ_old = θ
+        mu = ro.logp_old if ro.logp_rollout is None else ro.logp_rollout               # (B, L) log μ
+        if self.bypass:                                                                # verl bypass: θ_old := μ
+            ro = replace(ro, logp_old=mu)
+        with torch.no_grad():                                                          # log π_old/μ (bypass: π/μ)
+            log_r = ((ro.logp.detach() if self.bypass else ro.logp_old) - mu) * ro.mask
+        token_w = self._is_weights(log_r, ro.mask) if self.rollout_is is not None else torch.ones_like(ro.mask)
+        if self.rollout_rs is not None:                                                # rejection edits the mask
+            ro = replace(ro, mask=ro.mask * verl_rs_keep(log_r, ro.mask, self._rs))
         if self.kl is not None and self.kl[2] == "reward":
             beta, kind, _ = self.kl
             kl_tok = beta * V.kl_penalty(ro.logp_old, ro.extras["ref_logp"], kind).detach() * ro.mask   # (B, L)
             ro = replace(ro, token_rewards=ro.token_rewards - kl_tok, rm=ro.rm - kl_tok.sum(1), kl_reward=kl_tok)
         adv = self.est(ro).advantages                                                # (B, L) on the whole batch
         loss_fn = POLICY_LOSSES[self.est.loss].fn
-        ctx = {"ro": ro} if "ro" in __import__("inspect").signature(loss_fn).parameters else {}
+        ctx = {"ro": ro} if "ro" in inspect.signature(loss_fn).parameters else {}
         per_tok = loss_fn(ro.logp, ro.logp_old, adv, ro.mask, **self.est._loss_kwargs(), **ctx) * token_w
+        if self.off_policy_mask is not None:                                         # TRL get_off_policy_mask
+            with torch.no_grad():
+                n = ro.mask.sum(1, keepdim=True).clamp(min=1.0)
+                seq_kl = ((mu - ro.logp.detach()) * ro.mask).sum(1, keepdim=True) / n
+                per_tok = per_tok * ((adv >= 0) | (seq_kl <= self.off_policy_mask)).to(per_tok.dtype)
         w = self._weights(ro)                                                        # (B, L) aggregation
         loss = (w * per_tok).sum()
         if self.est.kl is not None and self.est.kl.where == "loss":
             loss = loss + self.est.kl.coef * (w * kl_penalty(ro.logp, ro.extras["ref_logp"], self.est.kl.kind)).sum()
         if self.kl is not None and self.kl[2] == "loss":
-            loss = loss + self.kl[0] * (w * V.kl_penalty(ro.logp, ro.extras["ref_logp"], self.kl[1])).sum()
+            kl_tok = V.kl_penalty(ro.logp, ro.extras["ref_logp"], self.kl[1])
+            if self.kl_ratio == "token":                                             # TRL: × coef_1, attached
+                kl_tok = kl_tok * torch.exp(ro.logp - ro.logp_old)
+            elif self.kl_ratio == "sequence":
+                n = ro.mask.sum(1, keepdim=True).clamp(min=1.0)
+                kl_tok = kl_tok * torch.exp(((ro.logp - ro.logp_old) * ro.mask).sum(1, keepdim=True) / n)
+            loss = loss + self.kl[0] * (w * kl_tok).sum()
         return loss
 
     def _weights(self, ro: Rollouts) -> torch.Tensor:
@@ -139,17 +252,93 @@ class Configured:
         sub = replace(ro, batch=ro.batch * self.split + part, n_batches=ro.n_batches * self.split)
         return agg_weights(sub, self.est.agg, self.est.agg_constant) / self.split
 
-    def _is_weights(self, ro: Rollouts) -> torch.Tensor:
-        """(B, L) detached IS weight of each token for the rollout policy μ (``ro.logp_old``)."""
+    def _is_weights(self, log_r: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) detached IS weight of each token from log ρ = log π_old/μ (module docstring)."""
         with torch.no_grad():
-            log_r = (ro.logp.detach() - ro.logp_old) * ro.mask                      # log π/μ per token
             if self.rollout_is == "none":
-                return torch.ones_like(ro.mask)
-            r = torch.exp(log_r) if self.rollout_is.startswith("token") else \
-                torch.exp(log_r.sum(1, keepdim=True)).expand_as(log_r)
+                return torch.ones_like(mask)
+            lo = -math.inf if self.C_min is None else self.C_min
+            hi = math.inf if self.C is None else self.C
+            tok = torch.exp(torch.clamp(log_r, -20.0, 20.0))
+            if self.rollout_is == "seq_mask_tis":                                     # OpenRLHF: geometric mean filter
+                g = torch.exp((log_r * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1.0))
+                return tok * ((g >= lo) & (g <= hi)).to(mask.dtype) * mask
+            r = tok if self.rollout_is.startswith("token") else \
+                torch.exp(torch.clamp(log_r.sum(1, keepdim=True), -20.0, 20.0)).expand_as(log_r)
             if self.rollout_is.endswith("truncate"):
-                return torch.clamp(r, max=self.C) * ro.mask
-            return torch.where(r <= self.C, r, torch.zeros_like(r)) * ro.mask
+                return torch.clamp(r, min=None if self.C_min is None else lo, max=None if self.C is None else hi) * mask
+            return torch.where((r >= lo) & (r <= hi), r, torch.zeros_like(r)) * mask
+
+
+def verl_rollout_correction(est: Estimator, rollout_is: str | None = None, rollout_is_threshold=2.0,
+                            rollout_rs: str | None = None, rollout_rs_threshold=None, bypass_mode: bool = False,
+                            loss_type: str = "ppo_clip", **kw) -> Configured:
+    """verl ``algorithm.rollout_correction`` (``rollout_corr_helper.compute_rollout_correction_and_add_to_batch``;
+    ``trainer/config/algorithm/rollout_correction.yaml``): ``rollout_is`` ∈ {None, "token", "sequence"}
+    with ``rollout_is_threshold`` a float (TIS: clamp from above) or "lower_upper" (IcePop: zero
+    outside); ``rollout_rs`` a comma-separated list of verl's rejection options with
+    ``rollout_rs_threshold``. Decoupled mode (3 policies): weights and mask from π_old/μ, the mask
+    edited before the advantage. ``bypass_mode=True`` (2 policies): θ_old := μ and the loss is
+    ``verl.bypass_mode`` (``loss_type`` "ppo_clip": no IS weight; "reinforce": its IS weight)."""
+    if rollout_is is not None and rollout_is not in ("token", "sequence"):
+        raise TPGError(f"verl rollout_is must be None, 'token' or 'sequence', got {rollout_is!r}")
+    if isinstance(rollout_is_threshold, bool):
+        raise TPGError("rollout_is_threshold must be a float or a 'lower_upper' string, not a boolean")
+    lower, upper = None, None
+    if isinstance(rollout_is_threshold, str) and "_" in rollout_is_threshold:
+        lower, upper = (float(x) for x in rollout_is_threshold.split("_", 1))
+    elif rollout_is_threshold is not None:
+        upper = float(rollout_is_threshold)
+    if upper is not None and (upper <= 0 or (lower is not None and not 0 < lower <= upper)):
+        raise TPGError(f"invalid rollout_is_threshold {rollout_is_threshold!r} (positive, lower ≤ upper)")
+    if bypass_mode:
+        if lower is not None:
+            raise TPGError("tpg's verl.bypass_mode takes a float rollout_is_threshold (TIS) only")
+        inner = replace(est, loss="verl.bypass_mode", loss_options=dict(
+            loss_type=loss_type, rollout_is=rollout_is, rollout_is_threshold=upper if upper is not None else 2.0),
+            name=f"{est.name}/bypass({loss_type})")
+        return Configured(inner, bypass=True, rollout_rs=rollout_rs, rollout_rs_threshold=rollout_rs_threshold, **kw)
+    mode = None if rollout_is is None or upper is None else f"{rollout_is}_{'mask' if lower is not None else 'truncate'}"
+    return Configured(est, rollout_is=mode, C=upper, C_min=lower, rollout_rs=rollout_rs,
+                      rollout_rs_threshold=rollout_rs_threshold, **kw)
+
+
+TRL_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def trl_grpo(loss_type: str = "dapo", scale_rewards: str = "group", importance_sampling_level: str = "token",
+             vllm_importance_sampling_correction: bool = True, vllm_importance_sampling_mode: str = "sequence_mask",
+             vllm_importance_sampling_clip_max: float | None = 3.0, vllm_importance_sampling_clip_min: float | None = None,
+             off_policy_mask_threshold: float | None = None, beta: float = 0.0, use_bias_correction_kl: bool = False,
+             loss_options: dict | None = None, **kw) -> Configured:
+    """TRL ``GRPOTrainer`` with its off-policy options (``grpo_config.py`` defaults): the vLLM IS
+    ratio π_old/μ per token or per sequence (Σ_t), truncated (clamp(C_min, C_max)) or masked (0
+    outside), multiplied into the per-token loss (not for ``vespo``, which folds it into w);
+    ``off_policy_mask_threshold`` δ (drop tokens with A < 0 of sequences whose mean log μ/π > δ);
+    ``beta`` > 0: k3 to the reference in the loss, × the attached ratio π/π_old when
+    ``use_bias_correction_kl`` (token level, or exp(mean log ρ) at sequence level)."""
+    if vllm_importance_sampling_mode not in TRL_IS_MODES:
+        raise TPGError(f"unknown vllm_importance_sampling_mode {vllm_importance_sampling_mode!r}; TRL's are {TRL_IS_MODES}")
+    est = T.trl_estimator(loss_type, scale_rewards=scale_rewards, importance_sampling_level=importance_sampling_level,
+                          loss_options=loss_options)
+    mode = vllm_importance_sampling_mode if vllm_importance_sampling_correction and loss_type != "vespo" else None
+    kl = (beta, "k3", "loss") if beta else None
+    ratio = (importance_sampling_level if use_bias_correction_kl else None) if kl else None
+    return Configured(est, rollout_is=mode, C=vllm_importance_sampling_clip_max, C_min=vllm_importance_sampling_clip_min,
+                      off_policy_mask=off_policy_mask_threshold, kl=kl, kl_ratio=ratio, **kw)
+
+
+def openrlhf_vllm_is(est: Estimator, is_correction_type: str = "tis", is_correction_threshold=(0.5, 5.0),
+                     **kw) -> Configured:
+    """OpenRLHF ``--algo.advantage.is_correction_enable`` (``models/loss.py::PolicyLoss``, ppo loss
+    only): ρ = π_old/μ per token; "tis" clamp(ρ, low, high), "icepop" ρ·[low ≤ ρ ≤ high],
+    "seq-mask-tis" ρ·[low ≤ exp(mean_t log ρ) ≤ high] (the token ρ itself is not clamped);
+    thresholds default [0.5, 5.0] (``cli/train_ppo_ray.py``)."""
+    modes = {"tis": "token_truncate", "icepop": "token_mask", "seq-mask-tis": "seq_mask_tis"}
+    if is_correction_type not in modes:
+        raise TPGError(f"OpenRLHF is_correction_type must be one of {tuple(modes)}, got {is_correction_type!r}")
+    lo, hi = is_correction_threshold
+    return Configured(est, rollout_is=modes[is_correction_type], C=hi, C_min=lo, **kw)
 
 
 # ====================================================================================== exact targets

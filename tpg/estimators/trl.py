@@ -11,6 +11,11 @@ A TRL ``loss_type`` is a per-token loss and an aggregation; ``trl_estimator`` co
 | sapo | as verl's (``verl.sapo``, temperatures 1.0 / 1.05) | ``verl.seq-mean-token-mean`` |
 | vespo | −sg(φ(w))·A·log π, w = Π_t ρ_t (``trl.vespo``) | ``token-mean`` (global) |
 
+``RLOOTrainer`` (``trl/trainer/rloo_trainer.py``) is ``trl_rloo_estimator``: ``trl.rloo`` × ``trl.rloo_clip``
+(sequence-ratio PPO clip) × ``seq-mean-token-sum``, k1 KL in the reward. The off-policy options
+(``vllm_importance_sampling_mode``, ``off_policy_mask_threshold``, ``use_bias_correction_kl``) are
+settings of ``tpg.zoo.trl_grpo``.
+
 Defaults that differ from verl: ε = 1e-4 in the std; ``scale_rewards="group"``; ``loss_type="dapo"``;
 ``epsilon_high`` defaults to ``epsilon`` = 0.2, so ``cispo`` caps ρ at 0.2 (at ρ = 1 its update is 0.2×
 the others'; the TRL docs recommend ε_high = 5).
@@ -121,3 +126,44 @@ def trl_estimator(loss_type: str = "dapo", scale_rewards: str = "group", importa
     return estimator("trl.grpo", loss=loss, agg=AGG[loss_type], agg_constant=agg_constant, loss_options=opts, kl=kl,
                      scale_rewards=scale_rewards,
                      label=label or f"trl.{loss_type}/{scale_rewards}/{importance_sampling_level}")
+
+
+# ====================================================================================== RLOOTrainer
+@register_advantage("trl.rloo", local=True, exchangeable=True)
+def rloo(ro: Rollouts, normalize_advantages: bool = False) -> torch.Tensor:
+    """A_i = R_i − (Σ_g R − R_i)/(G − 1), a singleton group 0 (TRL ``RLOOTrainer._generate_and_score_completions``;
+    R already carries −β Σ_t k1 when the KL is in the reward). ``normalize_advantages``: (A − mean)/(std + 1e-4)
+    over the batch, Bessel std (TRL ``nanstd``)."""
+    mean, _, cnt = group_stats(ro.rm, ro.group, ddof=0)
+    a = torch.where(cnt > 1, cnt / (cnt - 1).clamp(min=1) * (ro.rm - mean), torch.zeros_like(ro.rm))
+    if normalize_advantages:
+        n = segment_sum(torch.ones_like(a), ro.batch, ro.n_batches)
+        mu = segment_sum(a, ro.batch, ro.n_batches) / n
+        var = segment_sum((a - mu[ro.batch]) ** 2, ro.batch, ro.n_batches) / (n - 1).clamp(min=1)
+        a = (a - mu[ro.batch]) / (var.sqrt()[ro.batch] + 1e-4)
+    return _tile(a, ro)
+
+
+@register_policy_loss("trl.rloo_clip", linear=None)
+def rloo_clip(logp, logp_old, adv, mask, epsilon: float = 0.2, epsilon_high: float | None = None):
+    """TRL ``RLOOTrainer._compute_loss``: the sequence ratio c_i = exp(Σ_t log π − Σ_t log π_old),
+    per-sequence loss −min(c_i A_i, clip(c_i, 1−ε, 1+ε_high) A_i), spread as loss_i/n_i over the
+    row's tokens so that ``seq-mean-token-sum`` gives TRL's ``per_sequence_loss.mean()``."""
+    eh = epsilon if epsilon_high is None else epsilon_high
+    n = mask.sum(-1, keepdim=True).clamp(min=1.0)
+    a = (adv * mask).sum(-1, keepdim=True) / n                                         # (B, 1) A_i
+    c = torch.exp(((logp - logp_old) * mask).sum(-1, keepdim=True))
+    per_seq = -torch.minimum(c * a, torch.clamp(c, 1 - epsilon, 1 + eh) * a)
+    return per_seq / n * mask
+
+
+def trl_rloo_estimator(beta: float = 0.05, normalize_advantages: bool = False, epsilon: float = 0.2,
+                       epsilon_high: float | None = None, label: str = ""):
+    """TRL ``RLOOTrainer`` (``trl/trainer/rloo_trainer.py``, defaults from ``rloo_config.py``): k1 KL
+    summed over the completion and subtracted from the reward (β = 0.05, on θ_old's log-probs),
+    leave-one-out advantage, PPO clip on the sequence ratio, mean over sequences."""
+    from tpg.estimators.core import KL
+    return estimator("trl.rloo", loss="trl.rloo_clip", agg="seq-mean-token-sum",
+                     loss_options=dict(epsilon=epsilon, epsilon_high=epsilon_high),
+                     kl=KL(beta, "k1", "reward") if beta else None, normalize_advantages=normalize_advantages,
+                     label=label or f"trl.RLOOTrainer(β={beta:g}{', norm' if normalize_advantages else ''})")

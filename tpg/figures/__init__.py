@@ -17,6 +17,7 @@ from pathlib import Path
 from tpg.figures.core import DEFAULT_OUT, FIGURES, Context, Figure, check_backend, save_figure, style, write_json
 from tpg.figures import claims_matrix, std_normalisation, length_normalisation, credit_assignment  # noqa: F401
 from tpg.figures import trepo_readings, variance_compute, learning_curves  # noqa: F401  (registration order)
+from tpg.figures import reward_decomposition, zoo_map  # noqa: F401
 from tpg.mdp import TPGError
 
 __all__ = ["FIGURES", "Context", "Figure", "run", "run_cli", "write_readme", "DEFAULT_OUT"]

@@ -31,6 +31,7 @@ DEFAULT_OUT = REPO_ROOT / "figures"
 PNG_META = {"Software": None}
 PDF_META = {"CreationDate": None, "ModDate": None, "Producer": None, "Creator": None}
 BACKENDS = ("loky", "ray")
+PNG_LIMIT = 280_000                   # bytes: larger PNGs are re-saved with a 256-colour palette
 
 
 @dataclass(frozen=True)
@@ -123,9 +124,20 @@ def save_figure(fig, stem: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     png, pdf = stem.with_suffix(".png"), stem.with_suffix(".pdf")
     fig.savefig(png, metadata=PNG_META)
+    if png.stat().st_size > PNG_LIMIT:
+        _palette_png(png)
     fig.savefig(pdf, metadata=PDF_META)
     plt.close(fig)
     return [png, pdf]
+
+
+def _palette_png(png: Path) -> None:
+    """Re-save a dense figure (many cells of text) as a 256-colour palette PNG: the README's
+    < 300 KB, deterministic (median cut, no dithering, no metadata)."""
+    from PIL import Image
+    with Image.open(png) as im:
+        pal = im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    pal.save(png, optimize=True)
 
 
 def style():
