@@ -229,7 +229,9 @@ b.set_xticks(pos)
 b.set_xlabel(f"position t in response {t08.enum.tokens[i, :L].tolist()}")
 b.set_ylabel("weight on ∇ℓ_t")
 b.set_title("one response: same RM, different credit")
-b.legend(fontsize=7)
+lo, hi = b.get_ylim()
+b.set_ylim(lo - 0.45 * (hi - lo), hi)                                    # room for the legend below the bars
+b.legend(fontsize=7, loc="lower center")
 plt.show()
 
 # %% [markdown]

@@ -418,10 +418,12 @@ class KeyedGroups:
 
     KEYS = ("rm", "rm+length")
 
-    def __init__(self, tab, logp, logp_old, draws, needs: dict, G: int, others: str = "rm", seed: int = 0):
+    def __init__(self, tab, logp, logp_old, draws, needs: dict, G: int, others: str = "rm", seed: int = 0,
+                 n_prompts: int = 1):
         if G < 2:
             raise TPGError("keyed groups need G ≥ 2")
         self.tab, self.logp, self.logp_old, self.draws, self.needs, self.G = tab, logp, logp_old, draws, needs, G
+        self.P = n_prompts
         self.enum = replace(tab.enum, mdp=tab.mdp)
         self.others = others
         self.rng = np.random.default_rng(seed)
@@ -442,6 +444,14 @@ class KeyedGroups:
                                      rep_own=self._first(rows, own_id, len(own_u)),
                                      rep_oth=self._first(rows, oth_id, len(oth_u))))
 
+        N = len(self.enum.rm)                                                        # global class of every row
+        self.own_cls = torch.full((N,), -1, dtype=torch.long)
+        self.oth_cls = torch.full((N,), -1, dtype=torch.long)
+        o1 = o2 = 0
+        for pr in self.prompts:
+            self.own_cls[pr["rows"]], self.oth_cls[pr["rows"]] = pr["own_id"] + o1, pr["oth_id"] + o2
+            o1, o2 = o1 + pr["n_own"], o2 + pr["n_oth"]
+
     @staticmethod
     def _first(rows, ids, n):
         first = torch.full((n,), -1, dtype=torch.long)
@@ -452,12 +462,68 @@ class KeyedGroups:
     def n_rows(self, pairs: bool = False) -> float:
         """Response slots the route evaluates (log-space safe): Σ_x n_own^(1|2) · C(K + G − 2 (−1), G − 1 (−1)) · G."""
         k = 2 if pairs else 1
+        comb = lambda n, m: math.exp(math.lgamma(n + m) - math.lgamma(m + 1) - math.lgamma(n))   # C(n+m−1, m)
+        n_opt = sum(comb(pr["n_oth"], self.G) for pr in self.prompts)              # one other prompt slot's options
         total = 0.0
         for pr in self.prompts:
-            m = self.G - k
-            total += pr["n_own"] ** k * math.exp(math.lgamma(pr["n_oth"] + m) - math.lgamma(m + 1)
-                                                 - math.lgamma(pr["n_oth"])) * self.G
-        return total
+            total += pr["n_own"] ** k * comb(pr["n_oth"], self.G - k) * self.G
+        return total * self.P * n_opt ** (self.P - 1) * (1 if self.P == 1 else self.P)
+
+    # -------------------------------------------------------------------------- several prompt slots
+    def slot_options(self):
+        """Every configuration of one OTHER prompt slot: (prompt, multiset of its G members' keys) as
+        representative rows (n_opt, G) with probability ρ(x) · P(multiset | x) (n_opt,)."""
+        ids, w = [], []
+        for pr in self.prompts:
+            ms = torch.as_tensor(multisets(pr["n_oth"], self.G))
+            pm = torch.as_tensor(multinomial_coef(ms.numpy())) * pr["p_oth"][ms].prod(1)
+            ids.append(pr["rep_oth"][ms])
+            w.append(pr["rho"] * pm)
+        return torch.cat(ids), torch.cat(w)
+
+    def mean_batches(self, pr, j: int):
+        """Batches whose slot j holds (own class, others' multiset) of prompt ``pr`` and whose other
+        P − 1 slots run over every configuration: ids (n, P·G), weight (n,) = P(M)·Π P(other slots),
+        own class (n,). For P = 1 these are ``mean_groups``."""
+        ids, pm, own = self.mean_groups(pr)
+        if self.P == 1:
+            return ids, pm, own
+        oids, ow = self.slot_options()
+        grid = torch.cartesian_prod(*[torch.arange(len(oids))] * (self.P - 1)).reshape(-1, self.P - 1)   # (n_c, P−1)
+        other = oids[grid].reshape(len(grid), -1)                                    # (n_c, (P−1)·G)
+        w_other = ow[grid].prod(1)                                                   # (n_c,)
+        n, n_c = len(ids), len(grid)
+        own_part, oth_part = ids.repeat_interleave(n_c, 0), other.repeat(n, 1)
+        full = torch.cat([oth_part[:, : j * self.G], own_part, oth_part[:, j * self.G:]], 1)   # slot j in place
+        return full, pm.repeat_interleave(n_c) * w_other.repeat(n), own.repeat_interleave(n_c)
+
+    def probe_batches(self, ev: "Evaluator", n_batches: int = 8) -> str | None:
+        """For several prompt slots: a few batches with every row swapped for random members of its
+        class (own class for the probed row, others' class elsewhere); the probed row must not move."""
+        for pr in self.prompts:
+            for j in range(self.P):
+                ids, _, _ = self.mean_batches(pr, j)
+                pick = sorted({0, len(ids) - 1} | {int(i) for i in self.rng.integers(len(ids), size=n_batches)})
+                base = ids[pick]                                                   # (n, P·G)
+                for _ in range(3):
+                    cls = self.oth_cls[base].clone()
+                    cls[:, j * self.G] = self.own_cls[base[:, j * self.G]]
+                    swapped = base.clone()
+                    for col in range(base.shape[1]):
+                        table = self.own_cls if col == j * self.G else self.oth_cls
+                        members_of = torch.argsort(table, stable=True)
+                        counts = torch.bincount(table[table >= 0], minlength=int(table.max()) + 1)
+                        starts = torch.cumsum(counts, 0) - counts + int((table < 0).sum())
+                        c = table[base[:, col]]
+                        u = torch.as_tensor(self.rng.random(len(c)))
+                        swapped[:, col] = members_of[starts[c] + (u * counts[c]).long().clamp(max=counts[c] - 1)]
+                    r = j * self.G + torch.arange(len(base)) * base.shape[1]
+                    c0 = torch.cat([ev.raw(self.chunk(b[None], torch.ones(1)).ro) for b in base])
+                    c1 = torch.cat([ev.raw(self.chunk(b[None], torch.ones(1)).ro) for b in swapped])
+                    if not _close(c0[r], c1[r], max(float(c0.abs().max()), float(c1.abs().max()))):
+                        return (f"an estimator coefficient moved when responses were swapped for others with the "
+                                f"same key (own: reward and length; others: {self.others})")
+        return None
 
     # -------------------------------------------------------------------------- groups
     def _groups(self, pr, own_rows: torch.Tensor, m: int):
@@ -471,7 +537,7 @@ class KeyedGroups:
         return ids, pm.repeat(n_o), torch.arange(n_o).repeat_interleave(n_m)
 
     def chunk(self, ids: torch.Tensor, weight: torch.Tensor) -> Chunk:
-        ro = stack(self.enum, ids, self.G, 1, self.logp, self.logp_old)
+        ro = stack(self.enum, ids, self.G, ids.shape[1] // self.G, self.logp, self.logp_old)
         ro, factor = self.draws.fill(ro, self.needs)
         return Chunk(ro, weight * factor)
 

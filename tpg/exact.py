@@ -316,11 +316,11 @@ def precheck(needs: dict, mdp: TokenMDP, G: int, n_prompts: int = 1, route: str 
              directions=None, budget: int | None = None) -> bool:
     """Before anything is enumerated: whether the keyed route may apply, and, where only the
     multiset or joint route can run, their O(1) batch-budget check (``tpg.batches.check_batch_budget``)."""
-    keyed_ok = G > 1 and n_prompts == 1 and not needs.get("continuations") and not needs.get("anchors") \
+    keyed_ok = G > 1 and not needs.get("continuations") and not needs.get("anchors") \
         and directions is None and cov != "full"
     if route == "keyed" and not keyed_ok:
-        raise TPGError("route='keyed' needs G ≥ 2, one prompt draw per batch, no continuations or random anchors, "
-                       "and cov None or 'trace' without directions")
+        raise TPGError("route='keyed' needs G ≥ 2, no continuations or random anchors, and cov None or 'trace' "
+                       "without directions")
     if route in ("multiset", "joint") or not keyed_ok:
         check_batch_budget(mdp, G, n_prompts, "joint" if route == "joint" else "multiset", budget)
     return keyed_ok
@@ -393,12 +393,12 @@ def moments(est, mdp: TokenMDP, policy, G: int = 1, *, n_prompts: int = 1, route
                    multilinear_needed=bool(needs.get("continuations")))
     if route in ("auto", "keyed") and keyed_ok:
         done = _keyed(ev, tab, logp_new, logp_old, draws, needs, G, scores, cov, budget, chunk_rows,
-                      force=route == "keyed")
+                      force=route == "keyed", n_prompts=n_prompts)
         if done is not None:
             W, sq, n_out, knotes = done
             mean = expected_score(policy, enum, W, lp_graph)
             out = Moments(mean, W, n_out, route="keyed", notes=tuple(ev.notes + knotes))
-            if cov is not None:
+            if cov is not None and sq is not None:
                 out.cov_trace = sq - float(mean @ mean)
             return out
         try:
@@ -447,17 +447,23 @@ def moments(est, mdp: TokenMDP, policy, G: int = 1, *, n_prompts: int = 1, route
     return out
 
 
-def _keyed(ev, tab, logp_new, logp_old, draws, needs, G, scores, cov, budget, chunk_rows, force):
+def _keyed(ev, tab, logp_new, logp_old, draws, needs, G, scores, cov, budget, chunk_rows, force, n_prompts=1):
     """The keyed route (``tpg.batches.KeyedGroups``), or None when it does not apply to this
     estimator (key not sufficient, not exchangeable) or is not smaller than the multiset route —
     the caller then takes the multiset route. Returns (W, E‖ĝ‖², n_groups, notes)."""
     from math import comb
     budget = DEFAULT_BUDGET if budget is None else budget
     n_resp = [int(len(pr)) for pr in [torch.nonzero(tab.enum.prompt_idx == x)[:, 0] for x in range(len(tab.mdp.prompts))]]
+    P = n_prompts
+    multiset_size = float("inf")
+    if max(n_resp) < 10**6:
+        per_slot = sum(comb(n + G - 1, G) for n in n_resp)
+        multiset_size = float(per_slot) ** P * P * G if P * math.log10(max(per_slot, 1)) < 300 else float("inf")
+    if P > 1 and cov is not None and multiset_size <= budget and not force:
+        return None                                         # several slots: keyed gives the mean only
     for others in KeyedGroups.KEYS:
-        kg = KeyedGroups(tab, logp_new, logp_old, draws, needs, G, others)
-        size = kg.n_rows() + (kg.n_rows(pairs=True) if cov is not None else 0.0)
-        multiset_size = sum(comb(n + G - 1, G) for n in n_resp) * G if max(n_resp) < 10**6 else float("inf")
+        kg = KeyedGroups(tab, logp_new, logp_old, draws, needs, G, others, n_prompts=P)
+        size = kg.n_rows() + (kg.n_rows(pairs=True) if cov is not None and P == 1 else 0.0)
         # auto: keyed only where the multiset route is big (its key probe costs a few dozen evaluations)
         if size > budget or (not force and (size >= multiset_size or multiset_size < KEYED_FROM)):
             if force and size > budget:
@@ -465,7 +471,7 @@ def _keyed(ev, tab, logp_new, logp_old, draws, needs, G, scores, cov, budget, ch
             if size > budget:
                 ev.notes.append(f"the keyed route with keys {others!r} would need {size:.3g} response slots")
             continue
-        why = kg.probe(ev)
+        why = kg.probe(ev) if P == 1 else kg.probe_batches(ev)
         if why is None:
             break
         ev.notes.append(f"keyed route with keys {others!r} refused: {why}")
@@ -474,6 +480,12 @@ def _keyed(ev, tab, logp_new, logp_old, draws, needs, G, scores, cov, budget, ch
             raise PropertyError("route='keyed' does not apply: " + "; ".join(ev.notes[-2:]))
         return None
     N, L = tab.enum.tokens.shape
+    if P > 1:
+        res = _keyed_slots(ev, kg, N, L, G, P, chunk_rows)
+        if res is None:
+            ev.notes.append("keyed route refused: group members are not exchangeable")
+            return None
+        return res + ([f"keyed route: others' key {others!r}, {P} prompt slots (mean only: no covariance)"],)
     W = torch.zeros(N, L, dtype=torch.float64)
     sq, n_out = 0.0, 0
     for pr in kg.prompts:
@@ -504,6 +516,29 @@ def _keyed(ev, tab, logp_new, logp_old, draws, needs, G, scores, cov, budget, ch
                 pair += float((p * (e1 * e2).sum(1)).sum())
             sq += pr["rho"] * (G * float((Q * S).sum()) + G * (G - 1) * pair)
     return W, sq, n_out, [f"keyed route: others' key {others!r}, {n_out:,} (own class, multiset) groups"]
+
+
+def _keyed_slots(ev, kg, N: int, L: int, G: int, P: int, chunk_rows: int):
+    """The keyed mean with P prompt slots per batch: every slot j in turn holds (own class, others'
+    multiset) while the other slots run over their configurations; the coefficient of slot j's row 0
+    stands for its G members (exchangeability within a group). Returns (W, None, n_batches)."""
+    W = torch.zeros(N, L, dtype=torch.float64)
+    n_out = 0
+    per = max(1, chunk_rows // (P * G))
+    for pr in kg.prompts:
+        C = torch.zeros(pr["n_own"], L, dtype=torch.float64)
+        for j in range(P):
+            ids, pm, own = kg.mean_batches(pr, j)
+            for lo in range(0, len(ids), per):
+                chunk = kg.chunk(ids[lo: lo + per], pm[lo: lo + per])
+                c = ev.coefficients(chunk).reshape(len(ids[lo: lo + per]), P * G, -1)[:, j * G]   # (n, L)
+                C.index_add_(0, own[lo: lo + per], pm[lo: lo + per, None] * c)
+            n_out += len(ids)
+        if not ev.check_exchangeable():
+            return None
+        rows = pr["rows"]
+        W[rows] = G * pr["rho"] * kg.cond[rows][:, None] * C[pr["own_id"]]
+    return W, None, n_out
 
 
 def _row_coefficients(ev, kg, ids, pm, tag, G, chunk_rows, rows):

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from tpg import exact
-from tpg.estimators.core import AGGREGATIONS, POLICY_LOSSES, Estimator, agg_weights, estimator, kl_penalty
+from tpg.estimators.core import AGGREGATIONS, KL, POLICY_LOSSES, Estimator, agg_weights, estimator, kl_penalty
 from tpg.estimators import verl as V
 from tpg.estimators import trl as T
 from tpg.estimators import openrlhf as O  # noqa: F401  (registration)
@@ -428,12 +428,36 @@ def _cases(fast: bool):
                         lambda pol, lt=lt, sr=sr, lo=lo, lvl=lvl: T.trl_estimator(
                             lt, scale_rewards=sr, importance_sampling_level=lvl, loss_options=lo),
                         lambda pol: {}, "∇J", None))
-    for oname, tname in O.OPENRLHF_NAMES.items():
-        if tname == "gae":
-            continue
-        out.append(("openrlhf", f"adv {oname}", "ppo/token-mean", lambda pol, tname=tname, oname=oname: estimator(
-            tname, agg=tm, label=f"openrlhf.{oname}", **({"std": False} if oname == "dr_grpo" else {})),
-            lambda pol: {}, "∇J", None))
+    for oname in O.OPENRLHF_NAMES:
+        kw = (lambda pol: {"critic": _exact_critic(pol)}) if oname == "gae" else (lambda pol: {})
+        out.append(("openrlhf", f"adv {oname}", "ppo/token-mean", lambda pol, oname=oname: O.openrlhf_estimator(
+            oname), kw, "∇J", None))
+    out.append(("openrlhf", "adv rloo", "gspo/per-sample", lambda pol: O.openrlhf_estimator("rloo", "gspo"),
+                lambda pol: {}, "∇J", "biased"))
+    out.append(("openrlhf", "adv rloo", "ppo/seq-mean-token-sum, k1 in reward (β=0.1)", lambda pol: estimator(
+        "openrlhf.rloo", kl=KL(0.1, "k1", "reward"), label="openrlhf.rloo+k1"), lambda pol: {"ref": _moved(pol, 1.0)},
+        ("∇(J − βKL)", 0.1), "unbiased"))
+    for ctype in ("tis", "icepop", "seq-mask-tis"):
+        out.append(("openrlhf", "vLLM IS rloo/ppo/seq-mean-token-sum", f"is_correction_type={ctype} [0.5, 5]",
+                    lambda pol, ctype=ctype: openrlhf_vllm_is(estimator("openrlhf.rloo", label="openrlhf.rloo"), ctype),
+                    lambda pol: {"rollout_policy": _rollout(pol)}, "∇J", None))
+    # TRL's RLOOTrainer and off-policy options
+    out.append(("trl", "RLOOTrainer", "β=0.05 (k1 in reward), seq ratio clip", lambda pol: T.trl_rloo_estimator(),
+                lambda pol: {"ref": _moved(pol, 1.0)}, ("∇(J − βKL)", 0.05), "unbiased"))
+    out.append(("trl", "RLOOTrainer", "β=0.05, normalize_advantages", lambda pol: T.trl_rloo_estimator(
+        normalize_advantages=True), lambda pol: {"ref": _moved(pol, 1.0)}, ("∇(J − βKL)", 0.05), "biased"))
+    for mode in TRL_IS_MODES:
+        out.append(("trl", "vllm IS luspo/none/sequence", f"{mode} (C_max=3)", lambda pol, mode=mode: trl_grpo(
+            "luspo", scale_rewards="none", importance_sampling_level="sequence", vllm_importance_sampling_mode=mode),
+            lambda pol: {"rollout_policy": _rollout(pol)}, "∇J", None))
+    out.append(("trl", "off_policy_mask rloo/" + smts, "δ=0.05, θ_old ≠ θ, μ ≠ θ_old", lambda pol: Configured(
+        estimator("rloo"), off_policy_mask=0.05), lambda pol: {"old_policy": _moved(pol, 0.3),
+                                                               "rollout_policy": _rollout(pol)}, "∇J(θ)", None))
+    for ratio in (None, "token"):
+        out.append(("trl", "k3 in loss rloo/" + smts, f"use_bias_correction_kl={ratio is not None} (β=0.1)",
+                    lambda pol, ratio=ratio: Configured(estimator("rloo"), kl=(0.1, "k3", "loss"), kl_ratio=ratio),
+                    lambda pol: {"ref": _moved(pol, 1.0)}, ("∇J − β∇KL_local(π‖ref)", 0.1),
+                    "unbiased" if ratio else "biased"))
     # ------------------------------------------------------------------ settings
     for agg in (tm, smts):
         for norm in NORMS:
@@ -441,12 +465,28 @@ def _cases(fast: bool):
                         Configured(estimator("rloo", agg=agg), split=3, norm=norm), lambda pol: {}, "∇J",
                         "unbiased" if agg == smts else "biased"))
     for mode in IS_MODES:
-        out.append(("setting", "rollout mismatch rloo/" + smts, f"IS={mode}", lambda pol, mode=mode: Configured(
-            estimator("rloo"), rollout_is=mode, C=2.0), lambda pol: {"old_policy": _moved(pol, 0.7)}, "∇J(π)",
+        out.append(("setting", "rollout mismatch rloo/" + smts, f"IS={mode} (C=2)", lambda pol, mode=mode: Configured(
+            estimator("rloo"), rollout_is=mode, C=2.0), lambda pol: {"rollout_policy": _rollout(pol)}, "∇J",
             None))
     out.append(("setting", "rollout mismatch rloo/" + smts, "IS=sequence_truncate(C=1e6)", lambda pol: Configured(
-        estimator("rloo"), rollout_is="sequence_truncate", C=1e6), lambda pol: {"old_policy": _moved(pol, 0.7)},
-        "∇J(π)", "unbiased"))
+        estimator("rloo"), rollout_is="sequence_truncate", C=1e6), lambda pol: {"rollout_policy": _rollout(pol)},
+        "∇J", "unbiased"))
+    for opts in (dict(rollout_is="token"), dict(rollout_is="token", rollout_is_threshold="0.5_2.0"),
+                 dict(rollout_is="sequence"), dict(rollout_is="sequence", rollout_is_threshold="0.5_2.0"),
+                 dict(rollout_rs="token_k1", rollout_rs_threshold="0.5_2.0"),
+                 dict(rollout_is="sequence", rollout_is_threshold=1e6, rollout_rs="seq_mean_k3",
+                      rollout_rs_threshold=0.05),
+                 dict(bypass_mode=True), dict(bypass_mode=True, loss_type="reinforce", rollout_is="sequence"),
+                 dict(bypass_mode=True, loss_type="reinforce", rollout_is="sequence", rollout_is_threshold=1e6)):
+        label = ", ".join(f"{k}={v}" for k, v in opts.items())
+        out.append(("verl", "rollout_correction rloo/vanilla/" + smts, label, lambda pol, opts=opts:
+                    verl_rollout_correction(V.verl_estimator("rloo", agg=smts, label="verl.rloo"), **opts),
+                    lambda pol: {"rollout_policy": _rollout(pol)}, "∇J",
+                    "unbiased" if opts.get("rollout_is_threshold") == 1e6 and not opts.get("rollout_rs") else None))
+    out.append(("setting", "three policies rloo/vanilla/" + smts, "seq IS (C=1e6), θ_old ≠ θ, μ ≠ θ_old",
+                lambda pol: verl_rollout_correction(V.verl_estimator("rloo", agg=smts, label="verl.rloo"),
+                                                    rollout_is="sequence", rollout_is_threshold=1e6),
+                lambda pol: {"old_policy": _moved(pol, 0.3), "rollout_policy": _rollout(pol)}, "∇J(θ)", "biased"))
     for loss in ("ppo", "verl.vanilla", "verl.cispo", "verl.dppo_tv", "verl.gspo"):
         out.append(("setting", f"PPO epoch 2 rloo/{loss}", "θ_old ≠ θ (step 0.3)", lambda pol, loss=loss: estimator(
             "rloo", loss=loss, agg=smts, label=f"epoch2.{loss}"), lambda pol: {"old_policy": _moved(pol, 0.3)},
@@ -457,7 +497,7 @@ def _cases(fast: bool):
                 continue
             out.append(("setting", "KL rloo/" + smts, f"{kind} in {where} (β=0.1)", lambda pol, kind=kind, where=where:
                         Configured(estimator("rloo"), kl=(0.1, kind, where)), lambda pol: {"ref": _moved(pol, 1.0)},
-                        "∇(J − βKL)", "unbiased" if (kind == "k1" and where == "reward") else "biased"))
+                        ("∇(J − βKL)", 0.1), "unbiased" if (kind == "k1" and where == "reward") else "biased"))
     return out
 
 
@@ -465,12 +505,18 @@ AGG_ROWS = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum
                        "seq-mean-token-mean", "verl.seq-mean-token-mean", "verl.seq-mean-token-sum-norm-longest")
 
 
-def _moved(pol, step: float):
+def _moved(pol, step: float, seed: int = 12345):
     """A copy of a tabular policy with its logits moved by ``step``·N(0, 1) (a fixed seed): θ_old, μ or π_ref."""
     from tpg.policies import TabularSoftmax
-    g = torch.Generator().manual_seed(12345)
+    g = torch.Generator().manual_seed(seed)
     return TabularSoftmax(pol.mdp, pol.logits.detach() + step * torch.randn(pol.logits.shape, generator=g,
                                                                            dtype=torch.float64))
+
+
+def _rollout(pol):
+    """The rollout engine μ of the zoo's off-policy rows: θ moved by 0.7·N(0, 1) along another direction
+    than θ_old's (so μ, θ_old and θ are three different policies, not on one line)."""
+    return _moved(pol, 0.7, seed=777)
 
 
 def _exact_critic(pol):
@@ -497,8 +543,11 @@ def run_zoo(seeds=(0,), rewards=("gaussian", "binary"), G: int = 3, fast: bool =
                 t0 = time.perf_counter()
                 kwargs = kw(pol)
                 tgt = grad
-                if target == "∇(J − βKL)":
-                    tgt = kl_objective_gradient(mdp, pol, kwargs["ref"], 0.1)
+                if isinstance(target, tuple):
+                    target, beta = target
+                    tgt = kl_objective_gradient(mdp, pol, kwargs["ref"], beta) if target == "∇(J − βKL)" else \
+                        grad - beta * local_kl_gradient(mdp, pol, kwargs["ref"])
+                    target = target.replace("β", f"{beta:g}·")
                 r = report(build(pol), mdp, pol, G, cov=None, target=tgt, roundoff=delta, **kwargs)
                 rows.append(Row(lib, name, setting, f"{reward}(seed={seed})", r.verdict, r.scale, r.residual,
                                 r.rel_bias, target, expected if reward == "gaussian" else None,
