@@ -137,3 +137,77 @@ def test_entry_point_reports_bad_threads_in_one_line():
     out = subprocess.run(cmd + ["verify", "--claims", "T1"], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr == "tpg verify: error: TPG_THREADS must be an int in [1, 1024], got 'abc'\n"
+
+
+# ---------------------------------------------------------------------------------- tpg check
+CHECK_SRC = '''
+import torch
+from tpg.estimators.core import group_stats
+
+def loo(ro):                                  # leave-one-out baseline, per response: unbiased
+    mean, _, cnt = group_stats(ro.rm, ro.group, ddof=0)
+    return torch.where(cnt > 1, cnt / (cnt - 1).clamp(min=1) * (ro.rm - mean), ro.rm)
+
+def centred(ro):                              # mean includes the row itself: scaled by 1 − 1/G
+    mean, _, _ = group_stats(ro.rm, ro.group, ddof=0)
+    return (ro.rm - mean)[:, None] * ro.mask
+
+def token_mean_loss(ro):                      # a loss: RLOO with a batch token-mean (biased)
+    adv = loo(ro)[:, None] * ro.mask
+    n = torch.zeros(ro.n_batches, dtype=torch.float64).index_add(0, ro.batch, ro.mask.sum(1))[ro.batch]
+    return -(adv / n[:, None] * ro.logp).sum()
+
+def broken(ro):
+    return "not a tensor"
+'''
+
+
+@pytest.fixture
+def check_file(tmp_path):
+    p = tmp_path / "mine.py"
+    p.write_text(CHECK_SRC)
+    return p
+
+
+def test_check_verdicts_kinds_and_exit_status(check_file, tmp_path, capsys):
+    """`tpg check FILE:FN`: advantages and losses are told apart by their output; exit 0 only when
+    every verdict is unbiased; the probe notes are printed; --json writes one report per seed."""
+    out = tmp_path / "r.json"
+    assert cli.main(["check", f"{check_file}:loo", "--seeds", "2", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.count("UNBIASED") == 2 and "(advantage, agg seq-mean-token-sum)" in text
+    assert "note: probed local: holds" in text and "route 'multiset'" in text
+    import json
+    rows = json.loads(out.read_text())
+    assert [r["verdict"] for r in rows] == ["unbiased", "unbiased"] and rows[0]["kind"] == "advantage"
+    assert cli.main(["check", f"{check_file}:centred", "--seeds", "1", "--G", "3"]) == 1
+    assert "SCALED (scale c = 0.666667)" in capsys.readouterr().out
+    assert cli.main(["check", f"{check_file}:token_mean_loss", "--seeds", "1", "--policy", "loglinear"]) == 1
+    text = capsys.readouterr().out
+    assert "(loss)" in text and "BIASED" in text
+    assert cli.main(["check", f"{check_file}:loo", "--seeds", "1", "--agg", "token-sum"]) == 1
+    assert "SCALED (scale c = 3)" in capsys.readouterr().out
+
+
+def test_check_imports_a_module_by_name(check_file, monkeypatch, capsys):
+    monkeypatch.chdir(check_file.parent)
+    monkeypatch.delitem(sys.modules, "mine", raising=False)
+    assert cli.main(["check", "mine:loo", "--seeds", "1", "--G", "2"]) == 0
+    assert "UNBIASED" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["check", "no_colon"], "expected MODULE:FUNCTION"),
+    (["check", "no_such_module_xyz:fn"], "cannot import module 'no_such_module_xyz'"),
+    (["check", "/no/such/file.py:fn"], "no such file"),
+    (["check", "{file}:nope"], "has no attribute 'nope'"),
+    (["check", "{file}:broken"], "must return a tensor"),
+    (["check", "{file}:token_mean_loss", "--kind", "advantage"], "returned shape ()"),
+    (["check", "{file}:loo", "--G", "0"], "--G"),
+    (["check", "{file}:loo", "--agg", "nope"], "unknown --agg 'nope'"),
+])
+def test_check_refuses_bad_input_in_one_line(check_file, capsys, argv, message):
+    argv = [a.replace("{file}", str(check_file)) for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err

@@ -55,19 +55,82 @@ def test_replot_redraws_the_same_bytes_without_recomputing(two_runs, tmp_path, m
 
 
 def test_std_normalisation_numbers_match_the_theory(two_runs):
-    """The data behind the captions: Dr. GRPO's scale is (1 − 1/G)/H exactly, RLOO's is 1, and
-    std-GRPO is parallel to ∇J on one binary prompt."""
+    """The data behind the captions: every point by the keyed route; Dr. GRPO's scale is (1 − 1/G)/H
+    exactly, RLOO's is 1, std-GRPO is parallel to ∇J on one binary prompt, not with 3 reward values,
+    and not on two binary prompts of different difficulty once G ≥ 4."""
     a, _ = two_runs
-    pts = json.loads((a / "std_normalisation.json").read_text())["data"]["points"]
-    for p in pts:
+    data = json.loads((a / "std_normalisation.json").read_text())["data"]
+    H = data["H"]
+    assert data["responses_per_prompt"] == 3 ** H
+    for p in data["points"]:
+        assert p["route"] == "keyed"
+        assert all(abs(j - r) < 1e-9 for j, r in zip(p["J_prompt"], p["rates"]))   # the bisection hit J_x
         if p["estimator"] == "Dr. GRPO":
-            assert abs(p["scale"] - (1 - 1 / p["G"]) / 2) < 1e-12
+            assert abs(p["scale"] - (1 - 1 / p["G"]) / H) < 1e-12
         if p["estimator"] == "RLOO":
             assert abs(p["scale"] - 1) < 1e-12 and p["rel_bias"] < 1e-12
         if p["estimator"] == "std-GRPO" and p["kind"] == "binary" and len(p["rates"]) == 1:
             assert p["residual"] < 1e-12
-        if p["estimator"] == "std-GRPO" and p["kind"] == "ternary":
+        if p["estimator"] == "std-GRPO" and p["kind"] == "3-valued":
             assert p["residual"] > 1e-4
+        if p["estimator"] == "std-GRPO" and p["kind"] == "binary" and len(p["rates"]) == 2 and p["G"] >= 4:
+            assert p["residual"] > 1e-4
+    readme = (a / "README.md").read_text()
+    assert "by the keyed route" in readme and "route of all" in readme
+
+
+def test_zoo_map_matches_the_zoo_and_its_caption(tmp_path):
+    """The zoo map in --fast: every verdict ZOO.md records is reproduced, the caption's counts are
+    the data's, and the dense PNG stays under the README's size limit."""
+    assert main(["figures", "zoo_map", "--fast", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "zoo_map.json").read_text())["data"]
+    cells = data["cells"]
+    assert len(cells) == len(data["rows"]) * len(data["mdps"])
+    assert all(c["agrees"] is not False for c in cells)
+    assert sum(c["agrees"] is True for c in cells) > 20
+    unb = [c for c in cells if c["verdict"] == "unbiased"]
+    assert unb and max(c["rel_bias"] for c in unb) < 1e-10
+    assert any(c["verdict"] == "scaled" for c in cells) and any(c["verdict"] == "biased" for c in cells)
+    readme = (tmp_path / "README.md").read_text()
+    n = {k: sum(c["verdict"] == k for c in cells) for k in ("unbiased", "scaled", "biased")}
+    assert f"{n['unbiased']} cells unbiased, {n['scaled']} scaled, {n['biased']} biased" in readme
+    assert (tmp_path / "zoo_map.png").stat().st_size < 300_000
+
+
+def test_reward_decomposition_point_theorems_hold_and_the_additive_model_breaks():
+    """One point of the non-decomposing-reward figure: with a pairwise-interaction RM, Theorem 1
+    (RM as the return) and Theorem 2 estimators are unbiased, every estimator built on the additive
+    fit is biased, and those built on the fitted token rewards are exact for the fitted objective."""
+    from tpg.figures import reward_decomposition as R
+    p = R._point(("pairwise", 1.0))
+    assert 0.01 < p["nonadditive_share"] < 1
+    for e in R.THEOREM:
+        assert p["estimators"][e]["rel_bias"] < 1e-10, e
+    for e in R.BROKEN:
+        assert p["estimators"][e]["rel_bias"] > 1e-3, e
+        if "rel_gap_to_grad_hat" in p["estimators"][e]:
+            assert p["estimators"][e]["rel_gap_to_grad_hat"] < 1e-10
+    assert p["zra_invariance_gap"] < 1e-10
+    assert p["credit_rms_error"][0] < 1e-10 < max(p["credit_rms_error"])
+    exact_fit = R._point(("global", 0.0))                       # α = 0: RM is additive, the fit is exact
+    assert exact_fit["nonadditive_share"] < 1e-20
+    assert all(exact_fit["estimators"][e]["rel_bias"] < 1e-10 for e in R.ESTS)
+
+
+def test_token_counter_counts_generated_tokens_and_restores_the_library():
+    """The learning curves' per-token axis: TokenCounter sees every decoded token, one entry per RL step,
+    and puts tpg.rollouts.decode / tpg.train.sample back afterwards."""
+    import tpg.rollouts as Ro
+    import tpg.train as T
+    from tpg import TabularSoftmax
+    from tpg.figures.learning_curves import TokenCounter
+    before = (Ro.decode, T.sample)
+    mdp = T.demo_mdp(0)
+    with TokenCounter() as tc:
+        T.train(mdp, TabularSoftmax(mdp, seed=0), "rloo", 3, G=2, lr=0.1, seed=0, eval_every=1)
+    assert (Ro.decode, T.sample) == before
+    assert len(tc.per_step) == 4 and tc.per_step[0] == 0
+    assert all(2 * 2 <= n <= 2 * 2 * mdp.horizon for n in tc.per_step[1:])      # 2 prompts × G = 2 responses
 
 
 def test_unknown_figure_is_a_one_line_error(tmp_path, capsys):

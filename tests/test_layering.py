@@ -28,7 +28,7 @@ RANK = {
     "dp": 7, "scores": 7, "batches": 7,
     "exact": 8, "mc": 8,
     "verify": 9,
-    "claims": 10, "symbolic": 10, "train": 10, "zoo": 10, PACKAGE: 10,
+    "claims": 10, "symbolic": 10, "train": 10, "zoo": 10, "check": 10, PACKAGE: 10,
     "figures": 11,
     "cli": 12,
 }

@@ -157,6 +157,21 @@ def test_nonlinear_in_continuation_returns_is_refused(small):
     with pytest.raises(PropertyError, match="not multilinear"):
         report(estimator("user_square", loss="pg"), mdp, pol)
 
+    @register_advantage("user_middle_k", needs={"continuations": 3}, overwrite=True)
+    def middle(ro):
+        v = ro.extras["cont_rm"][..., 1]                                      # only the middle rollout, squared
+        return (ro.rm[:, None] - v[:, :-1] ** 2) * ro.mask
+    with pytest.raises(PropertyError, match="not multilinear"):
+        report(estimator("user_middle_k", loss="pg"), mdp, pol)
+
+    @register_advantage("user_sometimes_square", needs={"continuations": 1}, overwrite=True)
+    def sometimes(ro):
+        v = ro.extras["cont_rm"][..., 0]                                      # nonlinear only on some responses
+        top = ro.rm[:, None] >= ro.rm.max()
+        return (ro.rm[:, None] - torch.where(top, v[:, :-1] ** 2, v[:, :-1])) * ro.mask
+    with pytest.raises(PropertyError, match="not multilinear"):
+        report(estimator("user_sometimes_square", loss="pg"), mdp, pol)
+
 
 def test_multilinear_user_estimator_is_accepted_after_probing(small):
     mdp, pol = small

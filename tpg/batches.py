@@ -349,13 +349,20 @@ class Evaluator:
         so a kink (max, clip, sign) between the points shows."""
         if "cont_rm" not in ro.extras:
             return
-        sub = take_batches(ro, [int(self.rng.integers(ro.n_batches))])
+        for b in self._pick(ro.n_batches):                                             # first, last, random
+            if not self._multilinear_on(take_batches(ro, [b])):
+                self._mark("multilinear", False, "its coefficients are not affine in single continuation returns")
+                return
+        self._mark("multilinear", True, None)
+
+    def _multilinear_on(self, sub: Rollouts) -> bool:
+        """Second differences of the coefficients along every single return R[r, t, k] of one batch."""
         cont = sub.extras["cont_rm"]                                                    # (B, L+1, K)
         B, L1, K = cont.shape
         open_ = torch.arange(L1)[None, :] < sub.lengths[:, None]                       # (B, L+1) rolled-out prefixes
-        coords = [(r, t, k) for r, t in torch.nonzero(open_).tolist() for k in sorted({0, K - 1})]
+        coords = [(r, t, k) for r, t in torch.nonzero(open_).tolist() for k in range(K)]
         if not coords:
-            return
+            return True
         s = 2.0 * float(sub.rm.abs().max() + cont.abs().max()) + 1.0
         steps = (-s, 0.0, s, 2 * s)
         copies = []
@@ -366,16 +373,16 @@ class Evaluator:
                 copies.append(x)
         n = len(copies)
         rows = torch.arange(B).repeat(n)
-        rep = replace(sub.select(rows), batch=torch.arange(n).repeat_interleave(B),
+        picked = sub.select(rows)
+        rep = replace(picked, batch=torch.arange(n).repeat_interleave(B),
                       group=(torch.arange(n).repeat_interleave(B) * (int(sub.group.max()) + 1) + sub.group.repeat(n)),
-                      n_batches=n)
-        rep.extras["cont_rm"] = torch.cat(copies)                                      # (n·B, L+1, K)
-        c = self._coef(self.est, rep).reshape(len(coords), len(steps), B, -1)           # (coords, 4, B, L)
+                      n_batches=n, extras={**picked.extras, "cont_rm": torch.cat(copies)})   # (n·B, L+1, K)
+        c = self._one_at_a_time(rep) if self.state["local"] is False else self._coef(self.est, rep)
+        c = c.reshape(len(coords), len(steps), B, -1)                                   # (coords, 4, B, L)
         d2a = c[:, 2] - 2 * c[:, 1] + c[:, 0]                                            # steps −s, 0, s
         d2b = c[:, 3] - 2 * c[:, 2] + c[:, 1]                                            # steps 0, s, 2s
         scale = float(c.abs().max())
-        ok = _close(d2a, torch.zeros_like(d2a), scale) and _close(d2b, torch.zeros_like(d2b), scale)
-        self._mark("multilinear", ok, None if ok else "its coefficients are not affine in single continuation returns")
+        return _close(d2a, torch.zeros_like(d2a), scale) and _close(d2b, torch.zeros_like(d2b), scale)
 
     def _refuse_multilinear(self) -> None:
         raise PropertyError(
@@ -462,12 +469,13 @@ class KeyedGroups:
     def n_rows(self, pairs: bool = False) -> float:
         """Response slots the route evaluates (log-space safe): Σ_x n_own^(1|2) · C(K + G − 2 (−1), G − 1 (−1)) · G."""
         k = 2 if pairs else 1
-        comb = lambda n, m: math.exp(math.lgamma(n + m) - math.lgamma(m + 1) - math.lgamma(n))   # C(n+m−1, m)
+        comb = lambda n, m: math.exp(min(700.0, math.lgamma(n + m) - math.lgamma(m + 1) - math.lgamma(n)))  # C(n+m−1, m)
         n_opt = sum(comb(pr["n_oth"], self.G) for pr in self.prompts)              # one other prompt slot's options
         total = 0.0
         for pr in self.prompts:
             total += pr["n_own"] ** k * comb(pr["n_oth"], self.G - k) * self.G
-        return total * self.P * n_opt ** (self.P - 1) * (1 if self.P == 1 else self.P)
+        log_n = math.log(total) + (self.P - 1) * math.log(max(n_opt, 1.0)) + 2 * math.log(self.P)   # P slots × P·G rows
+        return math.exp(log_n) if log_n < 700 else math.inf
 
     # -------------------------------------------------------------------------- several prompt slots
     def slot_options(self):

@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_figures)
     from tpg.zoo import add_parser as _zoo_parser        # `tpg zoo` (tpg/zoo.py owns its options)
     _zoo_parser(sub)
+    from tpg.check import add_parser as _check_parser    # `tpg check MODULE:FUNCTION` (tpg/check.py)
+    _check_parser(sub)
     return p
 
 

@@ -29,19 +29,7 @@ from tpg import validate
 from tpg.mdp import DEFAULT_BUDGET, BudgetError, TokenMDP, TPGError
 from tpg.rollouts import Rollouts, check_budget, enumerate_responses, log10_sizes, sized
 from tpg.batches import Evaluator, ExactBatches, KeyedGroups, PropertyError, check_batch_budget
-
-
-def _params(policy) -> list[torch.Tensor]:
-    ps = [p for p in policy.parameters() if p.requires_grad]
-    if not ps:
-        raise TPGError(f"{type(policy).__name__} has no parameters that require grad")
-    return ps
-
-
-def flat(grads, params) -> torch.Tensor:
-    """One flat vector of per-parameter gradients (None → zeros); a single parameter's is a view."""
-    parts = [(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+from tpg.scores import flat, params as _params
 
 
 def check_compatible(mdp: TokenMDP, policy) -> None:

@@ -29,8 +29,9 @@ def n_params(policy) -> int:
 
 
 def flat(grads, ps) -> torch.Tensor:
-    """(D,) one flat vector from per-parameter gradients (None → zeros)."""
-    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, ps)])
+    """(D,) one flat vector from per-parameter gradients (None → zeros); a single parameter's is a view."""
+    parts = [(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, ps)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def grad(value: torch.Tensor, policy) -> torch.Tensor:

@@ -89,11 +89,11 @@ def parse_verl_rs(rollout_rs: str, threshold) -> list[tuple[str, float | None, f
     specs = specs * len(opts) if len(specs) == 1 else specs
     out = []
     for o, sp in zip(opts, specs):
+        if not o.endswith("k1") and "_" in sp:
+            raise TPGError(f"rollout_rs_threshold for {o!r} is a single upper bound, got {sp!r}")
         try:
             if o.endswith("k1"):
                 lo, hi = (float(x) for x in sp.split("_", 1)) if "_" in sp else (1.0 / float(sp), float(sp))
-            elif "_" in sp:
-                raise TPGError(f"rollout_rs_threshold for {o!r} is a single upper bound, got {sp!r}")
             else:
                 lo, hi = None, float(sp)
         except ValueError:
@@ -201,6 +201,16 @@ class Configured:
             nd["ref"] = True
         return nd
 
+    def declared(self, prop: str) -> bool | None:
+        """Every setting acts row by row (IS weights, rejection, OPSM, KL) or per batch (the
+        aggregation), so batch-locality and exchangeability are the estimator's own — except that a
+        split into parts by row position is not exchangeable (probed). Multilinearity is probed."""
+        if prop == "local":
+            return self.est.declared("local")
+        if prop == "exchangeable" and self.split == 1:
+            return self.est.declared("exchangeable")
+        return None
+
     # ---------------------------------------------------------------------------------- the math
     def __call__(self, ro: Rollouts) -> torch.Tensor:
         if ro.logp is None:
@@ -225,7 +235,8 @@ class Configured:
             with torch.no_grad():
                 n = ro.mask.sum(1, keepdim=True).clamp(min=1.0)
                 seq_kl = ((mu - ro.logp.detach()) * ro.mask).sum(1, keepdim=True) / n
-                per_tok = per_tok * ((adv >= 0) | (seq_kl <= self.off_policy_mask)).to(per_tok.dtype)
+                keep = ((adv >= 0) | (seq_kl <= self.off_policy_mask)).to(per_tok.dtype)
+            per_tok = per_tok * keep
         w = self._weights(ro)                                                        # (B, L) aggregation
         loss = (w * per_tok).sum()
         if self.est.kl is not None and self.est.kl.where == "loss":
@@ -266,7 +277,7 @@ class Configured:
             r = tok if self.rollout_is.startswith("token") else \
                 torch.exp(torch.clamp(log_r.sum(1, keepdim=True), -20.0, 20.0)).expand_as(log_r)
             if self.rollout_is.endswith("truncate"):
-                return torch.clamp(r, min=None if self.C_min is None else lo, max=None if self.C is None else hi) * mask
+                return torch.clamp(r, min=lo, max=hi) * mask                            # ±inf bounds: no-ops
             return torch.where((r >= lo) & (r <= hi), r, torch.zeros_like(r)) * mask
 
 

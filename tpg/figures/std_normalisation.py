@@ -31,7 +31,7 @@ ESTIMATORS = {"std-GRPO": ("grpo", {}), "Dr. GRPO": ("drgrpo", {}), "RLOO": ("rl
 P_TWO = (0.2, 0.7)                    # success rates of the two prompts
 P_FIXED = 0.35                        # the policy of the 1 − cos sweep (one prompt)
 GS_FULL = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-GS_FAST = (2, 4, 8)
+GS_FAST = (2, 4)
 
 
 def rm_of_zeros(kind: str, z: np.ndarray) -> np.ndarray:
