@@ -136,9 +136,15 @@ def caption(data) -> str:
                      + ", ".join(f"{LABELS[a]} {fmt(fin[a][0])} ± {fmt(fin[a][1])}" for a in order)
                      + f"; tokens generated in {data['steps']} steps: RLOO {tok['rloo']:,.0f}, TRePO {tok['trepo']:,.0f} "
                      f"({tok['trepo'] / tok['rloo']:.1f}×), ReMax {tok['remax']:,.0f}")
+    plateau = ""
+    if "gpt2" in data["policies"]:
+        g = [r for r in data["runs"] if r["policy"] == "gpt2"]
+        near = sum(abs(r["J"][-1][1] - 0.5) < 0.05 for r in g)
+        plateau = (f" GPT-2 at this learning rate plateaus: {near} of its {len(g)} runs end with J within 0.05 of 0.5, "
+                   f"hence its wide bands.")
     return (f"Exact J(θ) (probability of a correct response) while training with each algorithm from the same "
             f"initial policy, {data['steps']} steps, {n} seeds, tabular softmax and tiny GPT-2 side by side. Final mean "
-            f"J ± 95 % half-width — " + "; ".join(parts) + ". PPO takes 4 Adam steps (epochs) per sampled batch, the "
+            f"J ± 95 % half-width — " + "; ".join(parts) + "." + plateau + " PPO takes 4 Adam steps (epochs) per sampled batch, the "
             f"others one; its exact critic stands for a perfectly pretrained one, the learned critic starts at 0. "
             f"Per generated token, TRePO pays for its continuations. One task and one learning rate per policy: a "
             f"demonstration that the verified estimators train, not a benchmark.")

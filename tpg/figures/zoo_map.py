@@ -50,12 +50,16 @@ def cell_text(c) -> str:
     return fmt(c["rel_bias"], 2)
 
 
+LABEL_MAX = 78                        # characters: longer settings are cut (the JSON keeps them whole)
+
+
 def _label(row) -> str:
     lib, name, setting, target = row
+    tail = "" if target == "∇J" else f" → {target}"
     lab = f"{name}  [{setting}]"
-    if target != "∇J":
-        lab += f" → {target}"
-    return lab
+    if len(lab) + len(tail) > LABEL_MAX:
+        lab = lab[: LABEL_MAX - len(tail) - 2] + "…]"
+    return lab + tail
 
 
 def plot(data):
@@ -73,7 +77,7 @@ def plot(data):
     parts = [rows[:half], rows[half:]]
     n = max(len(p) for p in parts)
     ncol = len(mdps)
-    fig, axs = plt.subplots(1, 2, figsize=(12.5, 0.15 * n + 1.6), layout="constrained")
+    fig, axs = plt.subplots(1, 2, figsize=(15.5, 0.15 * n + 1.6), layout="constrained")
     for ax, part in zip(axs, parts):
         for i, row in enumerate(part):
             for j, m in enumerate(mdps):
@@ -94,7 +98,7 @@ def plot(data):
         ax.set_xticks([j + 0.5 for j in range(ncol)], [m.replace("(seed=", "\nseed ").rstrip(")") for m in mdps],
                       fontsize=6.5)
         ax.xaxis.tick_top()
-        ax.set_yticks([i + 0.5 for i in range(len(part))], [_label(r) for r in part], fontsize=5.6)
+        ax.set_yticks([i + 0.5 for i in range(len(part))], [_label(r) for r in part], fontsize=5.3)
         ax.tick_params(length=0, pad=1.5)
         ax.grid(False)
         for s in ax.spines.values():
