@@ -157,3 +157,11 @@ def test_list_names_every_figure(capsys):
     out = capsys.readouterr().out
     from tpg.figures import FIGURES
     assert all(n in out for n in FIGURES)
+
+
+def test_two_jobs_give_the_serial_data_files(two_runs, tmp_path):
+    """Sweeps through joblib (loky, 2 workers) write the same data files, byte for byte, as a serial run."""
+    serial = two_runs[0]
+    assert main(["figures", *CHEAP, "--fast", "--jobs", "2", "--out", str(tmp_path)]) == 0
+    for name in CHEAP:
+        assert (tmp_path / f"{name}.json").read_bytes() == (serial / f"{name}.json").read_bytes(), name
