@@ -11,8 +11,8 @@ Group statistics use ``ro.group`` (verl's ``index``/uid), batch statistics ``ro.
 batch): the exact engine stacks thousands of batches, and each must be reduced alone.
 
 Where verl's defaults differ from tpg's: PPO's dual clip is on (c = 3, ``verl.vanilla``); the actor's
-aggregation is ``token-mean`` (tpg: ``seq-mean-token-sum``); ``sapo``, ``gspo`` and ``geo_mean``
-ignore ``loss_agg_mode`` (use ``verl_estimator``, which forces the mode they use); divisors
+aggregation is ``token-mean`` (tpg: ``seq-mean-token-sum``); ``sapo`` and ``geo_mean``
+ignore ``loss_agg_mode`` (``gspo`` does not in 0.9.1) (use ``verl_estimator``, which forces the mode they use); divisors
 ``mask.sum() + 1e-8`` are exact counts because verl's masks are bool (float32 sum: the 1e-8 vanishes).
 """
 from __future__ import annotations
@@ -36,8 +36,9 @@ VERL_NAMES = {
 VERL_LOSSES = ("vanilla", "dppo_tv", "dppo_kl", "gspo", "sapo", "gpg", "clip_cov", "kl_cov", "geo_mean", "dro",
                "cispo", "bypass_mode")
 # Losses whose verl function ignores ``loss_agg_mode`` (ZOO §6 trap 5): the mode they really use.
-FORCED_AGG = {"verl.sapo": "verl.seq-mean-token-mean", "verl.gspo": "verl.seq-mean-token-mean",
-              "verl.geo_mean": "verl.seq-mean-token-mean"}
+# verl 0.9.1 ``gspo`` passes the mode it is given (only its default is seq-mean-token-mean; the actor passes
+# token-mean): not forced (recorded, tests/test_verl_conformance.py).
+FORCED_AGG = {"verl.sapo": "verl.seq-mean-token-mean", "verl.geo_mean": "verl.seq-mean-token-mean"}
 
 
 def _seg(x: torch.Tensor, ro: Rollouts, by: str) -> torch.Tensor:
@@ -274,8 +275,9 @@ def dppo_kl(logp, logp_old, adv, mask=None, clip_low: float = 0.2, clip_high: fl
 @register_policy_loss("verl.gspo", linear=None)
 def gspo(logp, logp_old, adv, mask, clip_low: float = 0.2, clip_high: float | None = None):
     """max(−A s, −A clip(s)), s_{i,t} = exp(min(sg(mean_t log ρ_i) + log π − sg(log π), 10)), no dual
-    clip (verl ``compute_policy_loss_gspo``). verl forces ``seq-mean-token-mean`` (v0.9.0 and main;
-    ZOO §6 says the actor's token-mean reaches it: not in the code read), see ``FORCED_AGG``."""
+    clip (verl ``compute_policy_loss_gspo``). verl 0.9.1 aggregates it with the ``loss_agg_mode`` it is
+    given (the function's default is seq-mean-token-mean, the actor passes its token-mean; ZOO §6 trap 5),
+    so it is not in ``FORCED_AGG``."""
     clip_high = clip_low if clip_high is None else clip_high
     n = mask.sum(-1, keepdim=True).clamp(min=1)
     seq = ((logp - logp_old) * mask).sum(-1, keepdim=True) / n                  # (B, 1) mean log-ratio
