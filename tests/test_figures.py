@@ -146,10 +146,25 @@ def test_replot_without_data_is_a_one_line_error(tmp_path, capsys):
 
 
 @pytest.mark.skipif(find_spec("ray") is not None, reason="ray is installed")
+def _has_ray() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("ray") is not None
+
+
+@pytest.mark.skipif(_has_ray(), reason="Ray is installed here: the ray backend itself is tested instead")
 def test_ray_backend_without_ray_is_a_one_line_error(tmp_path, capsys):
     assert main(["figures", "std_normalisation", "--fast", "--backend", "ray", "--out", str(tmp_path)]) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "ray" in err.lower()
+
+
+@pytest.mark.skipif(not _has_ray(), reason="Ray is optional (pip install 'ray[default]'); without it the "
+                                           "backend's one-line refusal is tested instead")
+def test_ray_backend_gives_the_serial_data_files(two_runs, tmp_path):
+    serial = two_runs[0]
+    assert main(["figures", *CHEAP, "--fast", "--jobs", "2", "--backend", "ray", "--out", str(tmp_path)]) == 0
+    for name in CHEAP:
+        assert (tmp_path / f"{name}.json").read_bytes() == (serial / f"{name}.json").read_bytes(), name
 
 
 def test_list_names_every_figure(capsys):

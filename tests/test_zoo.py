@@ -164,10 +164,15 @@ def test_forced_aggregations_and_geo_mean(setup):
     ro = batch(mdp, pol, [0, 3, 7, 12, 5, 9], [0, 0, 0, 1, 1, 1])
     A = estimator("rloo")(ro).advantages
     n = ro.mask.sum(1, keepdim=True)
-    for loss in ("sapo", "gspo"):
-        est = V.verl_estimator("rloo", loss=loss, agg="token-mean")
-        assert est.agg == "verl.seq-mean-token-mean"
-        assert_close(coefficients(est, ro), A / (6 * n) * ro.mask, what=f"{loss}: A/(B n_i)")
+    est = V.verl_estimator("rloo", loss="sapo", agg="token-mean")          # sapo forces seq-mean-token-mean
+    assert est.agg == "verl.seq-mean-token-mean"
+    assert_close(coefficients(est, ro), A / (6 * n) * ro.mask, what="sapo: A/(B n_i)")
+    # gspo passes the actor's mode through in verl 0.9.1 (recorded: tests/data/verl_0.9.1.json). Its
+    # sequence ratio exp(mean_t log ρ_t) spreads ∂/∂logp_t = 1/n_i over the row, and the row's n_i
+    # token weights (1/N_tok each) add back to n_i/N_tok: every token gets A/N_tok, as token-mean PG.
+    est = V.verl_estimator("rloo", loss="gspo", agg="token-mean")
+    assert est.agg == "token-mean"
+    assert_close(coefficients(est, ro), A / ro.mask.sum() * ro.mask, what="gspo: A/N_tok")
     # geo_mean: Ā_i / (B n_i) on each token (token-level A averaged over the row)
     At = A * torch.arange(1, 4)[None, :] * ro.mask                       # a non-constant token advantage
     est = estimator("reinforce", loss="verl.geo_mean", agg="verl.seq-mean-token-mean")

@@ -415,7 +415,8 @@ def _cases(fast: bool):
             kw = (lambda pol: {"critic": _exact_critic(pol)}) if tname == "gae" else (lambda pol: {})
             out.append(("verl", f"adv {vname}", f"vanilla/{agg}", build, kw, "∇J",
                         adv_expect[tname] if agg == smts else None))
-    loss_expect = {"sapo": "biased", "geo_mean": "biased", "gspo": "biased", "clip_cov": "biased"}
+    # gspo at ratio 1 under seq-mean-token-sum is the plain PG (its 1/n_i ratio derivative meets n_i tokens)
+    loss_expect = {"sapo": "biased", "geo_mean": "biased", "gspo": "unbiased", "clip_cov": "biased"}
     for lname in V.VERL_LOSSES:
         opts = {"beta": 0.1} if lname == "dro" else {}
         if lname == "bypass_mode":

@@ -81,9 +81,11 @@ class Context:
         if self.backend == "ray":
             from ray.util.joblib import register_ray
             register_ray()
+        # joblib's Ray backend cannot stream results (return_as="generator"): collect them as a list there.
+        streaming = self.backend != "ray"
         with parallel_config(backend=self.backend, n_jobs=self.jobs):
-            gen = Parallel(return_as="generator")(delayed(_worker)(fn, t) for t in tasks)
-            return list(tqdm(gen, **bar))
+            out = Parallel(return_as="generator" if streaming else "list")(delayed(_worker)(fn, t) for t in tasks)
+            return list(tqdm(out, **bar))
 
 
 def check_backend(backend: str, jobs) -> None:
