@@ -180,3 +180,19 @@ def test_two_jobs_give_the_serial_data_files(two_runs, tmp_path):
     assert main(["figures", *CHEAP, "--fast", "--jobs", "2", "--out", str(tmp_path)]) == 0
     for name in CHEAP:
         assert (tmp_path / f"{name}.json").read_bytes() == (serial / f"{name}.json").read_bytes(), name
+
+
+def test_every_figure_runs_in_fast_mode(tmp_path):
+    """`tpg figures --fast` as CI runs it: every registered figure not exercised above computes,
+    plots (PNG under the size limit, PDF) and writes its data and its generated caption."""
+    from tpg.figures import FIGURES
+    from tpg.figures.core import PNG_LIMIT
+    rest = [n for n in FIGURES if n not in CHEAP + ["zoo_map"]]
+    assert main(["figures", *rest, "--fast", "--out", str(tmp_path)]) == 0
+    readme = (tmp_path / "README.md").read_text()
+    for name in rest:
+        data = json.loads((tmp_path / f"{name}.json").read_text())
+        assert data, name
+        png = tmp_path / f"{name}.png"
+        assert (tmp_path / f"{name}.pdf").stat().st_size > 0 and 0 < png.stat().st_size <= PNG_LIMIT, name
+        assert f"({name}.png)" in readme, name
