@@ -45,7 +45,22 @@ def zoo() -> str:
     return "\n".join(out)
 
 
+def figures() -> str:
+    """A gallery row per figure: its title, thumbnail and the first sentence of its generated caption
+    (figures/README.md, written by ``tpg figures`` from the saved data)."""
+    text = (README.parent / "figures" / "README.md").read_text()
+    rows = ["| figure | finding |", "|---|---|"]
+    for sec in re.split(r"\n## ", text)[1:]:
+        title, _, body = sec.partition("\n")
+        img = re.search(r"!\[(\w+)\]\((\w+\.png)\)", body)
+        para = next(p for p in (q.strip() for q in body.split("\n\n")) if p and not p.startswith(("!", "Data:")))
+        first = " ".join(re.split(r"(?<=\.)\s(?=[A-Z(])", para.strip())[:2])   # setting + first finding
+        rows.append(f"| [{title}](figures/README.md) <br> <img src=\"figures/{img.group(2)}\" width=\"260\"> | {first} |")
+    return "\n".join(rows)
+
+
 GENERATORS = {
+    "figures": figures,
     "claims-tabular": lambda: claims("tabular", [0, 1]),
     "claims-gpt2": lambda: claims("gpt2", [0]),
     "zoo": zoo,

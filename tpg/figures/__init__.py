@@ -40,7 +40,7 @@ def run(names: list[str] | None = None, *, out: str | Path | None = None, fast: 
     out = Path(out) if out is not None else (DEFAULT_OUT / "fast" if fast else DEFAULT_OUT)
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    ctx = Context(fast=fast, jobs=jobs, backend=backend, progress=progress)
+    ctx = Context(fast=fast, jobs=jobs, backend=backend, progress=progress, cache=out / ".cache")
     took = {}
     for f in figs:
         t0 = time.perf_counter()

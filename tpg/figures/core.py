@@ -59,20 +59,53 @@ def _worker(fn, task):
     return fn(task)
 
 
+def code_hash() -> str:
+    """SHA-256 of every source file of the tpg package: a cached task result is valid only for the
+    exact code that computed it (any edit anywhere in tpg invalidates the cache)."""
+    import hashlib
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parents[1]
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
 @dataclass
 class Context:
-    """What a compute function gets: the mode and a parallel map."""
+    """What a compute function gets: the mode and a parallel map. With ``cache`` (a folder), every
+    task's result is stored under a key of (tpg's code, the task function, the task), so an
+    interrupted sweep resumes where it stopped and a rerun recomputes nothing."""
     fast: bool = False
     jobs: int = 1
     backend: str = "loky"
     progress: bool = True
+    cache: Path | None = None
+
+    def _key(self, fn: Callable, task) -> str:
+        import hashlib
+        if not hasattr(self, "_code"):
+            self._code = code_hash()
+        return hashlib.sha256(f"{self._code}|{fn.__module__}.{fn.__qualname__}|{self.fast}|{task!r}".encode()).hexdigest()
 
     def map(self, fn: Callable, tasks: list, desc: str = "") -> list:
         """[fn(t) for t in tasks], in order, through joblib (``fn`` must be a module-level function
         and the tasks picklable). Results do not depend on --jobs or --backend: every task seeds
         its own randomness."""
-        from tqdm import tqdm
+        import pickle
         tasks = list(tasks)
+        if self.cache is None:
+            return self._map(fn, tasks, desc)
+        self.cache.mkdir(parents=True, exist_ok=True)
+        paths = [self.cache / f"{self._key(fn, t)}.pkl" for t in tasks]
+        todo = [i for i, p in enumerate(paths) if not p.exists()]
+        for i, r in zip(todo, self._map(fn, [tasks[i] for i in todo], desc)):
+            tmp = paths[i].with_suffix(".tmp")
+            tmp.write_bytes(pickle.dumps(r))
+            tmp.replace(paths[i])                                       # atomic: a killed run leaves no half file
+        return [pickle.loads(p.read_bytes()) for p in paths]
+
+    def _map(self, fn: Callable, tasks: list, desc: str) -> list:
+        from tqdm import tqdm
         bar = dict(total=len(tasks), desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True,
                    disable=not self.progress or len(tasks) < 2)
         if self.jobs == 1 and self.backend == "loky":
