@@ -22,8 +22,22 @@ from tpg.figures.core import Figure, fmt, register
 
 H, K_DECISIVE, Q_DECISIVE, G, SEED = 4, 3, 0.4, 4, 0
 NOISE = 0.2
+LEARN_STEPS, LEARN_BATCH = 20, 16
 ESTS = ("RLOO", "std-GRPO", "ReMax", "PPO/GAE λ=0.95, exact critic", f"PPO/GAE λ=0.95, noisy critic (σ={NOISE:g})",
-        "TRePO (K=1, every position)")
+        f"PPO/GAE λ=0.95, learned critic ({LEARN_STEPS}×{LEARN_BATCH} rollouts)", "TRePO (K=1, every position)")
+
+
+def learned_critic(mdp, pol):
+    """A critic learned as PPO learns it: ``tpg.train.LearnedTableCritic`` regressed on the returns of
+    LEARN_STEPS sampled batches of LEARN_BATCH responses (seeded), then frozen."""
+    import torch
+    from tpg.rollouts import sample
+    from tpg.train import LearnedTableCritic
+    critic = LearnedTableCritic(mdp, lr=0.5)
+    g = torch.Generator().manual_seed(SEED + 11)
+    for _ in range(LEARN_STEPS):
+        critic.update(sample(mdp, pol, LEARN_BATCH, g))
+    return critic
 
 
 def build():
@@ -49,6 +63,9 @@ def make(label: str, tab):
         return estimator("remax"), None
     if label.startswith("PPO/GAE") and "exact" in label:
         return estimator("gae", lam=0.95), exact_critic(tab)
+    if label.startswith("PPO/GAE") and "learned" in label:
+        mdp, pol = build()
+        return estimator("gae", lam=0.95), learned_critic(tab.mdp, pol)
     if label.startswith("PPO/GAE"):
         return estimator("gae", lam=0.95), perturbed_critic(tab, noise=NOISE, seed=1)
     if label.startswith("TRePO"):
@@ -146,6 +163,7 @@ def caption(data) -> str:
     off = lambda e: max(cr[e]["credit"][t] for t in range(Hh) if t != k - 1)
     tre = [e for e in data["estimators"] if e.startswith("TRePO")][0]
     gae, noisy = data["estimators"][3], data["estimators"][4]
+    learned = next((e for e in data["estimators"] if "learned" in e), None)
     v = lambda e, t: var[(e, t)]["trace"]
     ci = lambda e, t: 1.96 * var[(e, t)]["se"]
     cmp = lambda a, b: "above" if a > b else "below"
@@ -159,7 +177,9 @@ def caption(data) -> str:
             f"GAE(λ = 0.95) with the exact critic leaks credit backwards as λ^({k}−t) "
             f"({fmt(cr[gae]['credit'][0])} at t = 1) and is exact from t = {k} on; a critic with noise "
             f"σ = {data['noise']:g} has RMS credit error {fmt(min(cr[noisy]['error']))}…{fmt(max(cr[noisy]['error']))} "
-            f"at every position. TRePO's expected credit equals A_t (RMS error ≤ {fmt(max(cr[tre]['error']))}) and "
+            f"at every position" + (f"; the critic learned from {LEARN_STEPS}×{LEARN_BATCH} rollouts, "
+                                    f"{fmt(min(cr[learned]['error']))}…{fmt(max(cr[learned]['error']))}"
+                                    if learned else "") + f". TRePO's expected credit equals A_t (RMS error ≤ {fmt(max(cr[tre]['error']))}) and "
             f"its variance after position {k} is {fmt(after)}; with K = 1 continuation its variance at t = 1 is "
             f"{fmt(v(tre, 1))} ± {fmt(ci(tre, 1))} (Monte Carlo, {data['n_mc']} batches, 95 %), "
             f"{cmp(v(tre, 1), v('RLOO', 1))} RLOO's {fmt(v('RLOO', 1))}, and {fmt(v(tre, k))} ± {fmt(ci(tre, k))} at "
