@@ -145,7 +145,6 @@ def test_replot_without_data_is_a_one_line_error(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "--replot" in err
 
 
-@pytest.mark.skipif(find_spec("ray") is not None, reason="ray is installed")
 def _has_ray() -> bool:
     import importlib.util
     return importlib.util.find_spec("ray") is not None

@@ -20,6 +20,7 @@ import torch
 from conftest import assert_close, assert_vec_close
 from tpg import TabularSoftmax, TokenMDP, estimator, exact, random_mdp, register_advantage, report
 from tpg.batches import PropertyError
+from tpg.mdp import BudgetError
 from tpg.claims.oracles import grpo_kappa
 
 GROUP_ESTIMATORS = [("grpo", {}), ("grpo", {"std": False}), ("rloo", {}), ("drgrpo", {}),
@@ -103,7 +104,7 @@ def test_an_estimator_reading_more_than_its_key_is_routed_safely():
 def test_keyed_refusal_names_its_size():
     mdp = fixed_length_binary(H=6)
     pol = TabularSoftmax(mdp, seed=1)
-    with pytest.raises(Exception, match="keyed"):
+    with pytest.raises(BudgetError, match="keyed"):
         exact.moments(estimator("grpo"), mdp, pol, 64, route="keyed", cov="trace", budget=1000)
     assert math.isfinite(exact.moments(estimator("grpo"), mdp, pol, 64).mean.norm().item())
 

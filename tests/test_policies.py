@@ -174,3 +174,15 @@ def test_every_policy_kind_is_registered_by_the_package():
 def test_policy_constructor_arguments_are_validated(cls, kw, error, message):
     with pytest.raises(error, match=message):
         cls(small_mdp(), **kw)
+
+
+def test_tabular_closed_form_score_grad_equals_autograd():
+    """TabularSoftmax.state_score_grad(w) = ∇_logits Σ w·log π for ANY weights w (rows not summing
+    to 0, unlike ∇J's), against autograd through state_log_probs."""
+    mdp = random_mdp(3, vocab_size=4, horizon=3, eos=True)
+    pol = TabularSoftmax(mdp, seed=3)
+    w = torch.randn(mdp.num_states, mdp.vocab_size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    (auto,) = torch.autograd.grad((w * pol.state_log_probs()).sum(), [pol.logits])
+    with torch.no_grad():
+        (closed,) = pol.state_score_grad(w.clone(), pol.state_log_probs())
+    assert_vec_close(closed, auto, what="closed-form softmax VJP vs autograd")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import assert_close, assert_vec_close
+from tpg.mdp import TPGError
 from tpg import TabularSoftmax, exact, random_mdp, report
 from tpg.estimators import coefficients, estimator
 from tpg.estimators import trl as T
@@ -86,7 +87,7 @@ def test_replay_passk(setup):
     else:
         exp[5] = (R[5] - R[3]) / (g1.std() + 1e-6)
     assert_close(adv_of("verl.grpo_passk", ro), exp[:, None] * ro.mask, what="grpo_passk")
-    with pytest.raises(Exception, match="at least 2"):
+    with pytest.raises(TPGError, match="at least 2"):
         adv_of("verl.grpo_passk", batch(mdp, pol, [0, 3], [0, 1]))
 
 
@@ -203,7 +204,7 @@ def test_verl_kl_types():
         assert_close(plus.detach(), val, what=kind + "+ forward")
         (g,) = torch.autograd.grad(plus.sum(), lp)
         assert_close(g, d, what=kind + "+ has the k2 gradient d")
-    with pytest.raises(Exception, match="unknown verl KL"):
+    with pytest.raises(TPGError, match="unknown verl KL"):
         V.kl_penalty(lp, ref, "full")
 
 
@@ -470,7 +471,7 @@ def test_verl_rejection_grammar_and_mask_by_hand():
     for bad, thr, msg in [("token_k4", 1.0, "invalid rollout_rs option"), ("seq_max_k1", 1.0, "invalid"),
                           ("token_k2", "0.1_2", "single upper bound"), ("token_k1,token_k2", "1,2,3", "one threshold"),
                           ("token_k1", None, "must be given"), ("token_k1", "2_1", "lower ≤ upper")]:
-        with pytest.raises(Exception, match=msg):
+        with pytest.raises(TPGError, match=msg):
             parse_verl_rs(bad, thr)
     log_r = torch.tensor([[0.9, -0.1, 0.0], [-0.2, 0.2, 0.3]], dtype=torch.float64)
     m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
@@ -499,9 +500,9 @@ def test_verl_rollout_correction_options_and_rejection_by_hand(setup):
     assert verl_rollout_correction(base).rollout_is is None
     c = verl_rollout_correction(base, bypass_mode=True, loss_type="reinforce", rollout_is="token")
     assert c.bypass and c.est.loss == "verl.bypass_mode" and c.est.loss_options["rollout_is"] == "token"
-    with pytest.raises(Exception, match="rollout_is must be None"):
+    with pytest.raises(TPGError, match="rollout_is must be None"):
         verl_rollout_correction(base, rollout_is="seq")
-    with pytest.raises(Exception, match="bypass mode computes its IS"):
+    with pytest.raises(TPGError, match="bypass mode computes its IS"):
         Configured(base, rollout_is="token_truncate", bypass=True)
     mdp, pol = setup["gaussian"]
     mu = _moved(pol, 0.7, seed=777)
@@ -542,7 +543,7 @@ def test_trl_off_policy_mask_and_bias_corrected_kl_by_hand(setup):
         r = report(Configured(estimator("reinforce"), kl=(beta, "k3", "loss"), kl_ratio=ratio), mdp, pol, 1,
                    cov=None, ref=ref, target=tgt)
         assert r.verdict == "unbiased", f"{ratio}: {r.summary()}"
-    with pytest.raises(Exception, match="kl_ratio multiplies a KL term in the loss"):
+    with pytest.raises(TPGError, match="kl_ratio multiplies a KL term in the loss"):
         Configured(estimator("rloo"), kl_ratio="token")
 
 
@@ -604,7 +605,7 @@ def test_openrlhf_replay_from_source(setup):
     rtg = kl.flip(1).cumsum(1).flip(1)
     got = estimator("openrlhf.rloo", kl=tpg_KL(0.1, "k1", "reward"))(ro_k).advantages
     assert_close(got, (loo[:, None] - rtg) * m, what="rloo with k1 in the reward")
-    with pytest.raises(Exception, match="n_samples_per_prompt > 1"):
+    with pytest.raises(TPGError, match="n_samples_per_prompt > 1"):
         adv_of("openrlhf.rloo", batch(mdp, pol, [0, 3], [0, 1]))
     e = O.openrlhf_estimator("rloo", "gspo")
     assert (e.loss, e.agg, e.loss_options["importance_sampling_level"]) == ("trl.clip", "verl.seq-mean-token-mean",

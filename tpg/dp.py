@@ -285,8 +285,8 @@ def closed_form_weights(mdp: TokenMDP, log_pi: torch.Tensor) -> torch.Tensor:
 
 def gradient(mdp: TokenMDP, policy, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
     """∇J per parameter: ∇_θ Σ_{s,a} sg[ρ(s) π(a|s) (U(s⊕a) − U(s))] log π_θ(a|s), one backward pass."""
-    closed = getattr(policy, "state_score_grad", None)                      # a policy's closed-form VJP
-    if closed is not None and len(params) == 1 and params[0] is getattr(policy, "logits", None):
+    closed = getattr(policy, "state_score_grad", None)                      # the policy protocol's closed form
+    if closed is not None:
         with torch.no_grad():
             log_pi = policy.state_log_probs()                                # (S, V), no graph
             return closed(closed_form_weights(mdp, log_pi), log_pi)

@@ -43,6 +43,10 @@ class Policy(nn.Module):
     def decoder(self, prompt_idx: torch.Tensor, prefix: torch.Tensor, prefix_len: torch.Tensor):
         raise TypeError(f"{type(self).__name__} must implement decoder(prompt_idx, prefix, prefix_len)")
 
+    # Optional closed form of ∇_θ Σ_{s,a} w[s, a] log π(a|s) (one tensor per trainable parameter, in
+    # ``parameters()`` order); None: the exact engine takes autograd through ``state_log_probs``.
+    state_score_grad = None
+
     def token_log_probs(self, prompt_idx: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """(B, L) log π(y_t | s_t) of the given tokens."""
         return self.log_probs(prompt_idx, tokens).gather(-1, tokens[..., None])[..., 0]

@@ -20,7 +20,7 @@ from tpg.claims.base import (Check, Exact, Outcome, claim, combine, discount, eq
 from tpg.claims.oracles import grpo_kappa
 from tpg.draws import ExactDraws, TableCritic, exact_critic, perturbed_critic
 from tpg.estimators import estimator
-from tpg.mdp import TPGError
+from tpg.mdp import TokenMDP, TPGError
 
 TABULAR_ONLY = "the closed form is a statement about the tabular softmax's per-state logits"
 
@@ -177,13 +177,22 @@ def t11(ex: Exact) -> Outcome:
     return unbiased_outcome(many(ex, [(f"ReMax G={G}", estimator("remax"), G, {}) for G in (1, 2)]), "G = 1, 2")
 
 
+def binarised(ex: Exact) -> TokenMDP:
+    """The claim's MDP with RM replaced by 1[RM > its median over responses] (a terminal-pair table:
+    ``Tables.Uc`` holds RM(x, y) at the last (state, token) of every response)."""
+    m = ex.mdp
+    thr = float(ex.tab.enum.rm.median())
+    return TokenMDP(m.prompts, m.vocab_size, m.horizon, m.eos, m.gamma, m.prompt_probs,
+                    response_rewards=(ex.tab.Uc > thr).to(torch.float64).numpy())
+
+
 @claim("T12", "GRPO mean-only, self-inclusive: E[ĝ] = (1 − 1/G) ∇J exactly",
        "PAPER §3.2 (1), §7.12", "scaled", mdp={"n_prompts": 2})
 def t12(ex: Exact, Gs: tuple = (2, 3, 4)) -> Outcome:
     reps, checks, m = mean_only_grpo(ex, Gs)
-    # A practitioner's group size, G = 16, on two prompts with binary rewards (the keyed route).
-    kind = {"TabularSoftmax": "tabular", "LogLinear": "loglinear", "GPT2Policy": "gpt2"}[type(ex.pol).__name__]
-    big, bchecks, bm = mean_only_grpo(with_policy(binary_mdp(ex.seed, (6, 4)), ex.seed, kind), (16,))
+    # A practitioner's group size, G = 16 (the keyed route), with the same policy on the same tree and
+    # the reward binarised at its median: RM' = 1[RM > median] (both outcomes occur, so ∇J' ≠ 0).
+    big, bchecks, bm = mean_only_grpo(Exact(binarised(ex), ex.pol, ex.seed), (16,))
     reps, checks, m, Gs = reps + big, checks + bchecks, {**m, **bm}, Gs + (16,)
     cs = ", ".join(f"{r.scale:.6g}" for _, r in reps)
     return true_outcome(combine([est_verdict(r) for _, r in reps]), checks,
