@@ -178,12 +178,15 @@ def t11(ex: Exact) -> Outcome:
 
 
 def binarised(ex: Exact) -> TokenMDP:
-    """The claim's MDP with RM replaced by 1[RM > its median over responses] (a terminal-pair table:
-    ``Tables.Uc`` holds RM(x, y) at the last (state, token) of every response)."""
-    m = ex.mdp
-    thr = float(ex.tab.enum.rm.median())
-    return TokenMDP(m.prompts, m.vocab_size, m.horizon, m.eos, m.gamma, m.prompt_probs,
-                    response_rewards=(ex.tab.Uc > thr).to(torch.float64).numpy())
+    """The claim's MDP with RM replaced by 1[RM > the midrange of its prompt's rewards] (a
+    terminal-pair table: ``Tables.Uc`` holds RM(x, y) at the last (state, token) of every response).
+    A prompt whose RM varies keeps both outcomes (min < midrange < max, ties or not)."""
+    m, enum = ex.mdp, ex.tab.enum
+    rms = [enum.rm[enum.prompt_idx == x] for x in range(len(m.prompts))]
+    thr = torch.stack([(r.min() + r.max()) / 2 for r in rms])                                     # (P,)
+    state_prompt = torch.as_tensor(m.state_table()["prompt"])                                     # (S,)
+    table = (ex.tab.Uc > thr[state_prompt][:, None]).to(torch.float64)                            # (S, V)
+    return TokenMDP(m.prompts, m.vocab_size, m.horizon, m.eos, m.gamma, m.prompt_probs, response_rewards=table.numpy())
 
 
 @claim("T12", "GRPO mean-only, self-inclusive: E[ĝ] = (1 − 1/G) ∇J exactly",
@@ -191,7 +194,7 @@ def binarised(ex: Exact) -> TokenMDP:
 def t12(ex: Exact, Gs: tuple = (2, 3, 4)) -> Outcome:
     reps, checks, m = mean_only_grpo(ex, Gs)
     # A practitioner's group size, G = 16 (the keyed route), with the same policy on the same tree and
-    # the reward binarised at its median: RM' = 1[RM > median] (both outcomes occur, so ∇J' ≠ 0).
+    # the reward binarised at each prompt's midrange (both outcomes occur where RM varies, so ∇J' ≠ 0).
     big, bchecks, bm = mean_only_grpo(Exact(binarised(ex), ex.pol, ex.seed), (16,))
     reps, checks, m, Gs = reps + big, checks + bchecks, {**m, **bm}, Gs + (16,)
     cs = ", ".join(f"{r.scale:.6g}" for _, r in reps)
